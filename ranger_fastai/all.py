@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #bbea0e8a
-from . import optimizer
+# %% ../nbs/99_all.ipynb #8046b3a0
+from . import optimizer, losses
 from .optimizer import *
-__all__ = [*optimizer.__all__]
+from .losses import *
+__all__ = [*optimizer.__all__, *losses.__all__]
