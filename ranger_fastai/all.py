@@ -5,8 +5,10 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #8046b3a0
-from . import optimizer, losses
+# %% ../nbs/99_all.ipynb #ebd3cb44
+from . import optimizer, losses, data, metrics
 from .optimizer import *
 from .losses import *
-__all__ = [*optimizer.__all__, *losses.__all__]
+from .data import *
+from .metrics import *
+__all__ = [*optimizer.__all__, *losses.__all__, *data.__all__, *metrics.__all__]

@@ -8,16 +8,16 @@ from fastai.callback.schedule import *
 from fastai.callback.core import Callback
 from fastai.torch_core import params
 from ranger_fastai.optimizer import Ranger, ranger, SlowWeightsCallback, SharedStateWrapper
-from ranger_fastai.cli import digits_dls
+from ranger_fastai.data import digits_dls
 
 def _model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2),
+    return nn.Sequential(nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, stride=2),
                                        nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()),
                          nn.Linear(32, 10))
 
 def _learner(tmp_path=None, **kw):
-    return Learner(digits_dls(bs=64), _model(), loss_func=nn.CrossEntropyLoss(), opt_func=ranger, metrics=accuracy,
+    return Learner(digits_dls(size=8, bs=64, augment=False), _model(), loss_func=nn.CrossEntropyLoss(), opt_func=ranger, metrics=accuracy,
                    splitter=lambda m: [params(m[0]), params(m[1])], path=tmp_path or '.', **kw)
 
 class _Betas(Callback):
