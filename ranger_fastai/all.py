@@ -5,10 +5,11 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/99_all.ipynb #ebd3cb44
-from . import optimizer, losses, data, metrics
+# %% ../nbs/99_all.ipynb #1c62263e
+from . import optimizer, losses, distill, data, metrics
 from .optimizer import *
 from .losses import *
+from .distill import *
 from .data import *
 from .metrics import *
-__all__ = [*optimizer.__all__, *losses.__all__, *data.__all__, *metrics.__all__]
+__all__ = [*optimizer.__all__, *losses.__all__, *distill.__all__, *data.__all__, *metrics.__all__]

@@ -1,0 +1,321 @@
+"Longer checks of `DistillationCallback`, `DiscriminatorCallback` and `Learner.distill` in real fastai fits"
+import warnings
+import pytest, torch
+from torch import nn
+from fastcore.foundation import L
+from fastai.learner import Learner, load_learner
+from fastai.data.core import Datasets
+from fastai.losses import CrossEntropyLossFlat
+from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.schedule import *  # fit_one_cycle, fit_flat_cos, lr_find
+from fastai.callback.training import GradientAccumulation, GradientClip
+from fastai.callback.tracker import SaveModelCallback
+from fastai.callback.fp16 import MixedPrecision
+from ranger_fastai.losses import Discriminator, pixel_wise_loss
+from ranger_fastai.distill import DistillationCallback, DiscriminatorCallback, disc_file
+
+def _seg_dls(n=48, bs=8, size=16, seed=0):
+    "Random images with 3 classes per pixel (from the signs of two channels)"
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return Datasets(range(n), tfms=[[x.__getitem__], [y.__getitem__]], splits=[range(n*3//4), range(n*3//4, n)]).dataloaders(bs=bs, num_workers=0)
+
+def _net(w, n_classes=3, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, n_classes, 1))
+
+def _disc(seed=0):
+    torch.manual_seed(seed)
+    return Discriminator(3, nf=8, n_layers=2, attn_layers=())
+
+def _learner(tmp_path='.', **kw): return Learner(_seg_dls(**kw), _net(4), loss_func=CrossEntropyLossFlat(axis=1), path=tmp_path)
+
+def _params(m): return [p.detach().clone() for p in m.parameters()]
+def _same(a, b): return all(torch.equal(x, y) for x, y in zip(a, b))
+
+def _count_forwards(m):
+    "Attach a forward-call counter to `m`; returns the list it appends to"
+    calls = []
+    m.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+class _Probe(Callback):
+    "Record `loss`, `loss_grad`, pred and batch at `after_loss`, at a chosen order"
+    def __init__(self, order): self.order, self.rows = order, []
+    def after_loss(self):
+        if self.training: self.rows.append((self.learn.loss.detach().clone(), self.learn.loss_grad.detach().clone(), self.learn.pred.detach(), self.xb))
+
+# %% all three terms, and what must not change
+
+def test_three_terms_fit_one_cycle(tmp_path):
+    teacher, D = _net(16, seed=1), _disc()
+    t0, d0 = _params(teacher), _params(D)
+    learn = _learner(tmp_path)
+    s0 = _params(learn.model)
+    probe = _Probe(order=8)
+    dist = DistillationCallback(teacher, pi_weight=1., pa_weight=2., ho_weight=0.1, pairs=[('3', '3'), ('1', '1')])
+    learn.fit_one_cycle(2, 1e-2, cbs=[dist, DiscriminatorCallback(D), probe])
+    assert _same(t0, teacher.parameters()) and all(p.grad is None for p in teacher.parameters())
+    assert teacher.training  # its mode before the fit is restored
+    assert not _same(d0, D.parameters()) and not _same(s0, learn.model.parameters())
+    names = learn.recorder.metric_names
+    for ph in ('train', 'valid'):
+        for k in ('pi', 'pa', 'ho', 'total'): assert f'{ph}_{k}_loss' in names
+    assert 'train_d_loss' in names and learn.metrics == []
+    vals = dict(zip(names[1:], learn.recorder.values[-1]))
+    assert all(v is not None for v in vals.values())
+    # the logged loss is the task loss; loss_grad (what is back-propagated) is the whole objective
+    loss, loss_grad, pred, xb = probe.rows[-1]
+    assert loss_grad > loss
+    # hooks are gone after fit
+    assert all(len(m._forward_hooks) == 0 for m in list(learn.model.modules()) + list(teacher.modules()))
+
+def test_teacher_learner_fit_flat_cos_and_lr_find(tmp_path):
+    tlearn = Learner(_seg_dls(), _net(16, seed=1), loss_func=CrossEntropyLossFlat(axis=1))
+    learn = _learner(tmp_path)
+    learn.add_cbs([DistillationCallback(tlearn, pairs=[('3', '3')], pool=2), DiscriminatorCallback(_disc())])
+    s0, d0 = _params(learn.model), _params(learn.discriminator.discriminator)
+    learn.lr_find(num_it=5, show_plot=False)
+    assert _same(s0, learn.model.parameters()) and _same(d0, learn.discriminator.discriminator.parameters())  # lr_find restores both
+    assert list(learn.path.glob('**/*_disc.pth')) == []
+    learn.fit_flat_cos(1, 1e-2)
+    assert tlearn.model is learn.distillation.teacher
+
+def test_pi_only_objective_seen_by_gradient_accumulation_and_clip(tmp_path):
+    teacher = _net(16, seed=1)
+    learn = _learner(tmp_path)
+    probe = _Probe(order=7)  # after DistillationCallback (5) and GradientAccumulation (6)
+    learn.fit(1, 1e-2, cbs=[DistillationCallback(teacher, pi_weight=3., pa_weight=0, ho_weight=0), GradientAccumulation(16),
+                            GradientClip(0.5), probe])
+    for loss, loss_grad, pred, (x,) in probe.rows:
+        with torch.no_grad(): pi = pixel_wise_loss(pred, teacher(x))
+        torch.testing.assert_close(loss_grad, (loss + 3*pi) * x.shape[0]/16)
+
+def test_classification_student_pi_only():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 6, generator=g); y = (x[:, 0] > 0).long()
+    dls = Datasets(range(32), tfms=[[x.__getitem__], [y.__getitem__]], splits=[range(24), range(24, 32)]).dataloaders(bs=8, num_workers=0)
+    learn = Learner(dls, nn.Linear(6, 2), loss_func=nn.CrossEntropyLoss())
+    learn.fit(1, 1e-2, cbs=DistillationCallback(nn.Linear(6, 2), ho_weight=0, T=2.))
+    assert 'valid_pi_loss' in learn.recorder.metric_names and 'train_pa_loss' not in learn.recorder.metric_names
+
+def test_train_metrics_columns(tmp_path):
+    learn = _learner(tmp_path)
+    learn.recorder.train_metrics = True
+    learn.fit(1, 1e-2, cbs=DistillationCallback(_net(16), ho_weight=0))
+    names = learn.recorder.metric_names
+    assert 'train_pi_loss' in names and 'valid_pi_loss' in names and 'train_total_loss' in names
+    vals = dict(zip(names[1:], learn.recorder.values[-1]))
+    assert vals['train_pi_loss'] != vals['valid_pi_loss']
+
+# %% unlabelled data, get_preds, show_results
+
+def test_get_preds_never_runs_the_teacher(tmp_path):
+    teacher = _net(16, seed=1)
+    calls = _count_forwards(teacher)
+    learn = _learner(tmp_path)
+    learn.add_cbs([DistillationCallback(teacher, pairs=[('3', '3')]), DiscriminatorCallback(_disc())])
+    learn.fit(1, 1e-2)
+    n = len(calls)
+    assert n > 0
+    preds, targs = learn.get_preds()
+    test_dl = learn.dls.test_dl(range(10))
+    assert len(test_dl.one_batch()) == 1  # unlabelled
+    preds, _ = learn.get_preds(dl=test_dl)
+    learn.validate()
+    assert preds.shape == (10, 3, 16, 16) and len(calls) == n
+    assert 'valid_pi_loss' not in learn.recorder.metric_names  # validate/get_preds add no columns
+
+def test_show_results_on_digit_scenes(tmp_path):
+    import matplotlib; matplotlib.use('Agg')
+    from ranger_fastai.data import digit_scenes_dls
+    dls = digit_scenes_dls(n_train=16, n_valid=8, size=32, bs=8)
+    net = lambda w: nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, 11, 1))
+    learn = Learner(dls, net(4), loss_func=CrossEntropyLossFlat(axis=1), path=tmp_path).distill(net(8), pairs=[('1', '1')],
+                    discriminator=Discriminator(11, nf=8, n_layers=2, attn_layers=()))
+    learn.fit(1, 1e-2)
+    learn.show_results(max_n=2)
+
+# %% export and checkpoints
+
+def _export_size(learn, fname):
+    learn.export(fname)
+    return (learn.path/fname).stat().st_size
+
+def test_export_excludes_teacher_and_discriminator(tmp_path):
+    big_teacher = _net(256, seed=1)  # ~600k parameters: 2.4 MB
+    learn = _learner(tmp_path)
+    plain = _export_size(learn, 'plain.pkl')
+    learn.distill(big_teacher, pairs=[('3', '3')], discriminator=_disc())
+    learn.fit(1, 1e-3)
+    with_cbs = _export_size(learn, 'cbs.pkl')
+    assert with_cbs - plain < 20_000, (plain, with_cbs)
+    # the same learner with a tiny teacher kept by a plain callback: the file grows by the teacher's size
+    class _Keep(Callback): pass
+    keep = _Keep(); keep.net = big_teacher
+    learn.add_cb(keep)
+    assert _export_size(learn, 'kept.pkl') - plain > 2_000_000
+    learn.remove_cb(keep)
+    learn2 = load_learner(tmp_path/'cbs.pkl')
+    assert learn2.distillation.teacher is None and learn2.discriminator.discriminator is None
+    assert learn2.get_preds(dl=learn2.dls.test_dl(range(3)))[0].shape == (3, 3, 16, 16)
+    learn2.dls = learn.dls
+    with pytest.raises(ValueError, match='exported learners do not keep it'): learn2.fit(1)
+
+def test_checkpoint_resume_restores_discriminator(tmp_path):
+    learn = _learner(tmp_path).distill(_net(16, seed=1), discriminator=_disc())
+    dcb = learn.discriminator
+    learn.fit(1, 1e-2)
+    f = learn.save('ck')
+    assert disc_file(f).exists() and disc_file(f).name == 'ck_disc.pth'
+    d_ck = _params(dcb.discriminator)
+    st_ck = {k: v['step'] for k, v in dcb.d_opt.state_dict()['state'].items()}
+    learn.fit(1, 1e-2)
+    assert not _same(d_ck, dcb.discriminator.parameters())
+    learn.load('ck')
+    assert _same(d_ck, dcb.discriminator.parameters())
+    assert {k: v['step'] for k, v in dcb.d_opt.state_dict()['state'].items()} == st_ck
+    # a fresh learner (new discriminator, no optimizer yet) resumes from the checkpoint
+    learn2 = _learner(tmp_path).distill(_net(16, seed=1), discriminator=_disc(seed=5)).load('ck')
+    assert _same(d_ck, learn2.discriminator.discriminator.parameters())
+    learn2.fit(1, 1e-2)
+    steps = [v['step'] for v in learn2.discriminator.d_opt.state_dict()['state'].values()]
+    assert steps and all(s == st + len(learn.dls.train) for s, st in zip(steps, st_ck.values()))
+    with pytest.warns(UserWarning, match='No discriminator checkpoint'):
+        learn.save('only', with_opt=False); disc_file(tmp_path/'models'/'only.pth').unlink(); learn.load('only', with_opt=False)
+
+def test_save_model_callback_writes_side_files(tmp_path):
+    learn = _learner(tmp_path).distill(_net(16, seed=1), discriminator=_disc())
+    learn.fit(2, 1e-2, cbs=SaveModelCallback(every_epoch=True, with_opt=True))
+    assert (tmp_path/'models'/'model_0_disc.pth').exists() and (tmp_path/'models'/'model_1_disc.pth').exists()
+
+# %% mixed precision on CPU
+
+class _CPUMixedPrecision(MixedPrecision):
+    "fastai's `MixedPrecision` with CPU autocast (float16) and `GradScaler('cpu')`; counts scaler updates"
+    def before_fit(self):
+        self.autocast, self.learn.scaler, self.scales = torch.autocast('cpu', dtype=torch.float16), torch.amp.GradScaler('cpu', init_scale=2.**10), L()
+        self.n_updates, upd = 0, self.learn.scaler.update
+        def _update(*a, **k): self.n_updates += 1; return upd(*a, **k)
+        self.learn.scaler.update = _update
+
+@pytest.mark.parametrize('n_steps', [1, 2])
+def test_amp_cpu_autocast_and_shared_scaler(tmp_path, n_steps):
+    D = _disc(); d0 = _params(D)
+    learn = _learner(tmp_path)
+    mp = _CPUMixedPrecision()
+    dcb = DiscriminatorCallback(D, n_steps=n_steps)
+    stepped = []
+    orig = dcb.d_step
+    def _d_step(*a):
+        orig(*a); stepped.append([p.stepped for p in dcb._proxies])
+    dcb.d_step = _d_step
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # e.g. "no inf checks were recorded", or a skipped step
+        learn.fit(1, 1e-2, cbs=[DistillationCallback(_net(16, seed=1), pairs=[('3', '3')]), dcb, mp])
+    n = len(learn.dls.train)
+    assert mp.n_updates == n  # one update per iteration
+    assert len(stepped) == n*n_steps and all(len(s) >= 1 for s in stepped)
+    assert any(all(s) for s in stepped) and not _same(d0, D.parameters())
+    assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1])
+
+# %% discriminator step details
+
+class _NaNPenaltyD(nn.Module):
+    "A critic whose gradient penalty is NaN (its output is NaN where the input requires grad)"
+    img_channels = 0
+    def __init__(self):
+        super().__init__(); self.lin = nn.Conv2d(3, 1, 1)
+    def forward(self, maps, img=None):
+        out = self.lin(maps).mean((1, 2, 3))
+        return out * float('nan') if maps.requires_grad else out
+
+def test_nan_penalty_skips_the_step(tmp_path):
+    learn = _learner(tmp_path)
+    D = _NaNPenaltyD()
+    dcb = DiscriminatorCallback(D, with_image=False)
+    learn.add_cbs([DistillationCallback(_net(16, seed=1), ho_weight=0.), dcb])
+    learn.fit(1, 1e-2)  # creates the optimizer; every step skipped
+    n = len(learn.dls.train)
+    assert dcb.n_skipped == n
+    d0, st0 = _params(D), dcb.d_opt.state_dict()
+    with pytest.warns(UserWarning, match='skipped a step: non-finite penalty'): learn.fit(1, 1e-2)
+    assert dcb.n_skipped == 2*n and _same(d0, D.parameters()) and all(p.grad is None for p in D.parameters())
+    assert dcb.d_opt.state_dict()['state'] == st0['state'] == {}
+
+def test_hinge_and_schedule(tmp_path):
+    from fastai.callback.schedule import SchedCos
+    learn = _learner(tmp_path)
+    dcb = DiscriminatorCallback(_disc(), loss='hinge', sched=SchedCos(1e-3, 1e-5))
+    learn.fit(1, 1e-2, cbs=[DistillationCallback(_net(16, seed=1)), dcb])
+    lr = dcb.d_opt.hypers[-1]['lr']
+    assert 1e-5 < lr < 1e-3
+
+# %% hooks and exceptions
+
+class _Boom(Callback):
+    def __init__(self, exc): self.exc = exc
+    def after_loss(self):
+        if self.training and self.iter == 1: raise self.exc
+
+def test_hooks_removed_after_cancel_and_harmless_after_error(tmp_path):
+    teacher = _net(16, seed=1)
+    learn = _learner(tmp_path)
+    dist = DistillationCallback(teacher, pairs=[('3', '3')], ho_weight=0)
+    learn.fit(1, cbs=[dist, _Boom(CancelFitException())])
+    assert len(learn.model[3]._forward_hooks) == 0 and len(teacher[3]._forward_hooks) == 0
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[dist, _Boom(RuntimeError('boom'))])
+    assert len(learn.model[3]._forward_hooks) == 1  # fastai skips after_fit: the stale hook stays, disarmed
+    learn.model(torch.randn(2, 3, 16, 16))
+    assert all(g.out is None for gs in dist._grabs for g in gs)
+    learn.export('x.pkl')  # the stale hook pickles empty: no teacher in the file, no error
+    learn.fit(1, cbs=dist)  # the next fit removes it
+    assert len(learn.model[3]._forward_hooks) == 0
+
+# %% errors, before any change
+
+@pytest.mark.parametrize('kw,msg', [
+    (dict(pi_weight=-1.), 'pi_weight=-1'), (dict(pa_weight=float('nan')), 'pa_weight=nan'), (dict(ho_weight=True), 'ho_weight=True'),
+    (dict(T=0), 'T=0'), (dict(pool=1.5), 'pool=1.5'), (dict(pairs=[('3',)]), 'Invalid pair')])
+def test_bad_arguments(kw, msg):
+    with pytest.raises(ValueError, match=msg.replace('(', r'\(')): DistillationCallback(_net(4), **kw)
+
+def test_bad_teacher_and_discriminator_arguments():
+    with pytest.raises(TypeError, match='teacher'): DistillationCallback('resnet')
+    with pytest.raises(ValueError, match='n_steps=0'): DiscriminatorCallback(_disc(), n_steps=0)
+    with pytest.raises(ValueError, match="loss='gan'"): DiscriminatorCallback(_disc(), loss='gan')
+    with pytest.raises(ValueError, match='lr=-1'): DiscriminatorCallback(_disc(), lr=-1)
+
+def _fails(learn, cbs, msg):
+    s0 = _params(learn.model)
+    with pytest.raises(ValueError, match=msg): learn.fit(1, 1e-2, cbs=cbs)
+    assert _same(s0, learn.model.parameters())
+    assert all(len(m._forward_hooks) == 0 for m in learn.model.modules()) and learn.metrics == []
+
+def test_errors_before_fit(tmp_path):
+    learn, teacher = _learner(tmp_path), _net(16, seed=1)
+    _fails(learn, DistillationCallback(teacher, pairs=[('3', '33')], ho_weight=0), "Layer '33' not found in the teacher; did you mean '3'")
+    _fails(learn, DistillationCallback(teacher, pairs=[('body.3', '3')], ho_weight=0), "not found in the student")
+    _fails(learn, DistillationCallback(teacher, pairs=[(nn.ReLU(), '3')], ho_weight=0), "not a submodule of the student")
+    _fails(learn, DistillationCallback(_net(16, n_classes=5), ho_weight=0), r"Class counts differ: the student predicts 3 classes \(logits \(2, 3, 16, 16\)\), the teacher 5")
+    pooled = nn.Sequential(*_net(16), nn.Identity()); pooled[1] = nn.MaxPool2d(2)
+    _fails(learn, DistillationCallback(pooled, pairs=[('1', '1')], pi_weight=0, ho_weight=0), r"features \(2, 4, 16, 16\) and \(2, 16, 8, 8\)")
+    _fails(learn, DistillationCallback(teacher), 'needs a DiscriminatorCallback')
+    _fails(learn, DiscriminatorCallback(_disc()), 'needs a DistillationCallback')
+    _fails(learn, [DistillationCallback(teacher), DiscriminatorCallback(Discriminator(5, nf=8, n_layers=2, attn_layers=()))], 'discriminator fails on teacher maps')
+
+def test_device_errors(tmp_path):
+    learn = _learner(tmp_path)
+    _fails(learn, DistillationCallback(_net(16).to('meta'), ho_weight=0), "Cannot move the teacher to the student's device cpu")
+    from ranger_fastai.distill import _model_device
+    learn.model[4].to('meta')  # fastai itself cannot fit such a student: check the helper before_fit uses
+    with pytest.raises(ValueError, match=r'several devices \(cpu, meta\)'): _model_device(learn.model)
+
+def test_holistic_needs_maps():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 6, generator=g); y = (x[:, 0] > 0).long()
+    dls = Datasets(range(16), tfms=[[x.__getitem__], [y.__getitem__]], splits=[range(8), range(8, 16)]).dataloaders(bs=8, num_workers=0)
+    learn = Learner(dls, nn.Linear(6, 2), loss_func=nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match='holistic=True needs segmentation logits'): learn.distill(nn.Linear(6, 2))
+    learn.distill(nn.Linear(6, 2), holistic=False).fit(1)
