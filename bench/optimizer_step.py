@@ -6,7 +6,7 @@ time per step. Peak memory is measured in a fresh subprocess per optimizer: the 
 12 steps, after parameters and gradients exist: on CPU the peak resident set size (VmHWM, reset through
 /proc/self/clear_refs) over the resident size before the optimizer is built, with glibc's mmap threshold
 at 128 KiB so that freed tensors leave the resident set at once; on CUDA `torch.cuda.max_memory_allocated`.
-It is shown as the rise over fused AdamW's, in units of the parameters' size. Run: `python bench/optimizer_step.py [--device cuda] [--rounds 15]`.
+It is shown in units of the parameters' size, as measured and as the difference to fused AdamW's. Run: `python bench/optimizer_step.py [--device cuda] [--rounds 15]`.
 """
 import argparse, gc, json, os, re, statistics, subprocess, sys, time
 import torch
@@ -106,10 +106,10 @@ def main():
                 out = subprocess.run([sys.executable, __file__, '--device', a.device, '--_memory', s, n], capture_output=True, text=True,
                                      check=True, env={**os.environ, 'MALLOC_MMAP_THRESHOLD_': '131072'})
                 mem[n] = json.loads(out.stdout.strip().splitlines()[-1])
-        print("| optimizer | ms/step (median) | x fused AdamW | fastai ranger / this | peak memory over fused AdamW's (x params) |")
-        print("|---|---|---|---|---|")
+        print("| optimizer | ms/step (median) | x fused AdamW | fastai ranger / this | peak memory rise (x params) | minus fused AdamW's |")
+        print("|---|---|---|---|---|---|")
         for n, t in med.items():
-            m = f"{(mem[n][0] - mem['torch AdamW (fused)'][0])/mem[n][1]:+.2f}" if n in mem else "-"
+            m = (f"{mem[n][0]/mem[n][1]:.2f} | {(mem[n][0] - mem['torch AdamW (fused)'][0])/mem[n][1]:+.2f}" if n in mem else "- | -")
             print(f"| {n} | {t*1e3:.2f} | {t/ref:.2f} | {fa/t:.2f} | {m} |")
         print()
 
