@@ -1,15 +1,25 @@
 """Training step time per batch with structured knowledge distillation, on the tutorial's teacher and student.
 
-The networks and the discriminator are those of nbs/10_tutorial_distill.ipynb (widths 32 and 4, 4 classes, 32x32
-images, batch 32); the batches are random tensors of the tutorial's shapes (time does not depend on their content).
+The networks are built by the tutorial's own `seg_net` (read from nbs/10_tutorial_distill.ipynb, not copied: the
+function's definition is taken from the notebook's source and executed), at the tutorial's widths (teacher 32,
+student 8), with the tutorial's discriminator (`Discriminator(4, nf=16, n_layers=3, attn_layers=(2,))`, fed maps
+and image), 4 classes, 32x32 images, batch 32: the built-in data's resolution. Batches are random tensors of those
+shapes (time does not depend on their content).
 
-Configurations, timed in real fastai fits (one batch = `before_batch` to `after_batch`), interleaved over rounds:
-student alone, + pixel-wise, + pair-wise, + holistic (with the discriminator step). The teacher's forward pass,
-the discriminator's step and the generator term (discriminator forward/backward through the student's maps)
-are also timed on their own, so what the callbacks add besides them ("overhead") can be read off.
-Prints medians in ms. Usage: python bench/distill_step.py [--rounds 5] [--batches 6] [--size 32] [--bs 32] [--device cpu]
+Each configuration (student alone, + pixel-wise, + pair-wise on layer '3', + holistic with the discriminator step)
+is timed in real fastai fits: one batch is `before_batch` to `after_batch`, the first batch of each fit is dropped.
+Inside those same batches, hooks time the teacher's forward pass, the discriminator's own step (`d_step`: its loss
+with the gradient penalty, backward, optimizer step) and the generator term's discriminator forward and backward
+(from the discriminator's output back to the student's maps, timed by tensor hooks during the student's backward).
+"Everything else" is what distillation adds besides those: (batch - teacher - D parts) minus the student alone,
+as a share of the student alone, paired by round (each round's median minus the student's median of the same round;
+the table gives the median over rounds and their range). Configurations and thread counts are interleaved over
+rounds; all numbers are medians in ms. The pixel-wise and pair-wise loss functions are also timed on their own (forward + backward).
+
+Usage: python bench/distill_step.py [--rounds 7] [--batches 8] [--threads 1,2] [--device cpu]
 """
-import argparse, statistics, time
+import argparse, ast, json, statistics, time
+from pathlib import Path
 import torch
 from torch import nn
 from fastai.learner import Learner
@@ -17,98 +27,141 @@ from fastai.callback.core import Callback
 from fastai.losses import CrossEntropyLossFlat
 from fastai.layers import ConvLayer
 from fastai.data.core import Datasets
-from ranger_fastai.losses import Discriminator, generator_loss, pixel_wise_loss, pair_wise_loss
-from ranger_fastai.distill import DistillationCallback, DiscriminatorCallback, _maps, _frozen
+from fastai.callback.progress import *  # Learner.no_bar
+from ranger_fastai.losses import Discriminator, pixel_wise_loss, pair_wise_loss
+from ranger_fastai.distill import DistillationCallback, DiscriminatorCallback
 
-def seg_net(w, n_classes=4):
-    "The tutorial's networks: features at 1/4 resolution (layer '3'), logits upsampled to the image size"
-    return nn.Sequential(ConvLayer(3, w, stride=2), ConvLayer(w, 2*w), ConvLayer(2*w, 2*w, stride=2), ConvLayer(2*w, 2*w),
-                         nn.Conv2d(2*w, n_classes, 1), nn.Upsample(scale_factor=4, mode='bilinear'))
+TUTORIAL = Path(__file__).parent.parent/'nbs'/'10_tutorial_distill.ipynb'
+TEACHER_W, STUDENT_W, N_CLASSES, SIZE, BS = 32, 8, 4, 32, 32  # as in the tutorial
+
+def tutorial_fn(name, nb=TUTORIAL, ns=None):
+    "The function `name` defined in a code cell of notebook `nb`, executed alone in namespace `ns`"
+    for cell in json.loads(Path(nb).read_text())['cells']:
+        if cell['cell_type'] != 'code': continue
+        tree = ast.parse(''.join(cell['source']))
+        defs = [d for d in tree.body if isinstance(d, ast.FunctionDef) and d.name == name]
+        if defs:
+            ns = dict(ns or {})
+            exec(compile(ast.Module(body=defs, type_ignores=[]), str(nb), 'exec'), ns)
+            return ns[name]
+    raise ValueError(f"No function {name!r} in {nb}")
 
 def _sync(dev):
     if dev.type == 'cuda': torch.cuda.synchronize()
 
+class _Clock:
+    "Accumulates time spent in the parts of the current batch"
+    def __init__(self, dev): self.dev, self.parts, self.t0 = dev, {}, {}
+    def start(self, k): _sync(self.dev); self.t0[k] = time.perf_counter()
+    def stop(self, k):
+        if k not in self.t0: return
+        _sync(self.dev); self.parts[k] = self.parts.get(k, 0.) + time.perf_counter() - self.t0.pop(k)
+
 class _BatchTimer(Callback):
-    "Per training batch wall time, from `before_batch` to `after_batch`"
+    "Per training batch: wall time from `before_batch` to `after_batch`, and the parts `clock` timed within it"
     order = -20
-    def __init__(self): self.times = []
+    def __init__(self, clock): self.clock, self.rows = clock, []
     def before_batch(self):
-        if self.training: _sync(self.dls.device); self.t0 = time.perf_counter()
+        if self.training: self.clock.parts = {}; self.clock.start('batch')
     def after_batch(self):
-        if self.training: _sync(self.dls.device); self.times.append(time.perf_counter() - self.t0)
+        if not self.training: return
+        self.clock.stop('batch'); self.rows.append(dict(self.clock.parts))
 
-def _timed(f, dev, n):
-    "Wall times of `n` calls of `f`"
-    res = []
-    for _ in range(n):
-        _sync(dev); t0 = time.perf_counter(); f(); _sync(dev); res.append(time.perf_counter() - t0)
-    return res
+def instrument(teacher, D, dcb, clock):
+    "Time the teacher's forward, `dcb.d_step`, and the generator term's D forward and D backward (to the maps)"
+    teacher.register_forward_pre_hook(lambda m, i: clock.start('teacher'))
+    teacher.register_forward_hook(lambda m, i, o: clock.stop('teacher'))
+    in_step = [False]
+    def d_pre(m, args):
+        if in_step[0]: return
+        clock.start('gen')
+        if args[0].requires_grad: args[0].register_hook(lambda g: clock.stop('gen_bwd'))
+    def d_post(m, args, out):
+        if in_step[0]: return
+        clock.stop('gen')
+        if out.requires_grad: out.register_hook(lambda g: clock.start('gen_bwd'))
+    D.register_forward_pre_hook(d_pre); D.register_forward_hook(d_post)
+    d_step = dcb.d_step
+    def timed_d_step(*args, **kw):
+        in_step[0] = True; clock.start('d_step')
+        try: return d_step(*args, **kw)
+        finally: clock.stop('d_step'); in_step[0] = False
+    dcb.d_step = timed_d_step
 
-def random_dls(n, size, bs, n_classes=4, device=None):
+def random_dls(n, size, bs, n_classes, device=None):
     "`DataLoaders` of `n` random images and labels (and `bs` more for validation)"
     x, y = torch.rand(n+bs, 3, size, size), torch.randint(0, n_classes, (n+bs, size, size))
     return Datasets(range(n+bs), tfms=[[x.__getitem__], [y.__getitem__]], splits=[range(n), range(n, n+bs)]).dataloaders(bs=bs, num_workers=0, device=device)
 
-def main(rounds=5, batches=6, size=32, bs=32, device='cpu'):
-    dev = torch.device(device)
-    dls = random_dls(bs*batches, size, bs, device=dev)
+def _timed(f, dev, n):
+    "Wall times of `n` calls of `f`"
+    res = []
+    for _ in range(n): _sync(dev); t0 = time.perf_counter(); f(); _sync(dev); res.append(time.perf_counter() - t0)
+    return res
+
+PARTS = ('teacher', 'd_step', 'gen', 'gen_bwd')
+
+def main(rounds=7, batches=8, threads='1,2', device='cpu'):
+    dev, threads = torch.device(device), [int(t) for t in str(threads).split(',')]
+    seg_net = tutorial_fn('seg_net', ns=dict(nn=nn, ConvLayer=ConvLayer))
+    dls = random_dls(BS*(batches+1), SIZE, BS, N_CLASSES, device=dev)
     torch.manual_seed(0)
-    teacher, student = seg_net(32).to(dev), seg_net(4).to(dev)
-    D = Discriminator(4, nf=16, n_layers=3, attn_layers=(2,)).to(dev)
+    teacher, student = seg_net(TEACHER_W, N_CLASSES).to(dev), seg_net(STUDENT_W, N_CLASSES).to(dev)
+    D = Discriminator(N_CLASSES, nf=16, n_layers=3, attn_layers=(2,)).to(dev)
     learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(axis=1))
-    dcb = DiscriminatorCallback(D)
+    dcb, clock = DiscriminatorCallback(D), _Clock(dev)
+    instrument(teacher, D, dcb, clock)
     configs = {
         'student alone': [],
         '+ pixel-wise': [DistillationCallback(teacher, pa_weight=0, ho_weight=0)],
         '+ pair-wise': [DistillationCallback(teacher, ho_weight=0, pairs=[('3', '3')])],
         '+ holistic (D step)': [DistillationCallback(teacher, pairs=[('3', '3')]), dcb],
     }
-    learn.fit(1, 1e-3, cbs=configs['+ holistic (D step)'])  # warm-up, creates the D optimizer
-    xb, yb = dls.one_batch()
-    with torch.no_grad(): t_logits = teacher(xb)
-    s_maps, t_maps = _maps(student(xb).detach(), t_logits)
-    def _gen():
-        m = s_maps.clone().requires_grad_()
-        with _frozen(D): generator_loss(D, m, xb).backward()
-    feats = {}
-    hooks = [net[3].register_forward_hook(lambda m, i, o, k=k: feats.__setitem__(k, o)) for k, net in (('s', student), ('t', teacher))]
-    with torch.no_grad(): student(xb), teacher(xb)
-    for h in hooks: h.remove()
-    fs, ft = feats['s'].detach().requires_grad_(), feats['t']
-    s_logits = student(xb).detach().requires_grad_()
-    def _teacher():
-        with torch.no_grad(): teacher(xb)
-    learn.fit(1, 1e-3, cbs=configs['+ holistic (D step)'])  # maps for d_step: the callbacks need a fit
-    parts = {'teacher forward': _teacher, 'D step (its loss, backward, step)': lambda: dcb.d_step(t_maps, s_maps, xb),
-             'generator term (D fwd/bwd to the maps)': _gen,
-             'pixel_wise_loss fwd/bwd': lambda: pixel_wise_loss(s_logits, t_logits).backward(),
-             'pair_wise_loss fwd/bwd': lambda: pair_wise_loss(fs, ft).backward()}
-    times = {k: [] for k in [*configs, *parts]}
     learn.recorder.silent = True
+    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=configs['+ holistic (D step)'])  # warm-up
+    # the loss functions alone, on the tutorial's tensors
+    xb, _ = dls.one_batch()
+    feats = {}
+    hooks = [net[3].register_forward_hook(lambda m, i, o, k=k: feats.__setitem__(k, o.as_subclass(torch.Tensor))) for k, net in (('s', student), ('t', teacher))]
+    with torch.no_grad(): t_logits = teacher(xb).as_subclass(torch.Tensor); student(xb)
+    for h in hooks: h.remove()
+    s_logits = student(xb).as_subclass(torch.Tensor).detach().requires_grad_()
+    fs, ft = feats['s'].detach().requires_grad_(), feats['t']
+    losses = {f'pixel_wise_loss fwd/bwd {tuple(s_logits.shape)}': lambda: pixel_wise_loss(s_logits, t_logits).backward(),
+              f'pair_wise_loss fwd/bwd {tuple(fs.shape)} vs {tuple(ft.shape)}': lambda: pair_wise_loss(fs, ft).backward()}
+    rows = {(th, k): [] for th in threads for k in configs}
+    loss_times = {(th, k): [] for th in threads for k in losses}
     for _ in range(rounds):
-        for k, cbs in configs.items():
-            timer = _BatchTimer()
-            with learn.no_logging(): learn.fit(1, 1e-3, cbs=[*cbs, timer])
-            times[k] += timer.times[1:]  # the first batch of a fit pays for dataloader start-up
-        dcb.learn = learn
-        for k, f in parts.items(): times[k] += _timed(f, dev, batches)
-    med = {k: 1e3*statistics.median(v) for k, v in times.items()}
-    base = med['student alone']
-    print(f"device {dev}, batch {bs} x 3 x {size} x {size}, {rounds} rounds x {batches} batches, medians in ms")
-    print(f"| configuration | ms / batch | vs student |\n|---|---|---|")
-    for k in times: print(f"| {k} | {med[k]:.1f} | {med[k]/base:.2f}x |")
-    tf, dstep, gen = med['teacher forward'], med['D step (its loss, backward, step)'], med['generator term (D fwd/bwd to the maps)']
-    pi, pa = med['pixel_wise_loss fwd/bwd'], med['pair_wise_loss fwd/bwd']
-    rows = {'+ pixel-wise': (tf, pi), '+ pair-wise': (tf, pi + pa), '+ holistic (D step)': (tf + dstep + gen, pi + pa)}
-    print(f"\n| configuration | added (ms) | teacher + D parts (ms) | loss functions (ms) | rest: callback plumbing (ms) | loss functions + rest, % of student step |")
-    print("|---|---|---|---|---|---|")
-    for k, (fixed, losses) in rows.items():
-        added = med[k] - base
-        print(f"| {k} | {added:.1f} | {fixed:.1f} | {losses:.1f} | {added-fixed-losses:.1f} | {100*(added-fixed)/base:.0f}% |")
+        for th in threads:
+            torch.set_num_threads(th)
+            for k, cbs in configs.items():
+                timer = _BatchTimer(clock)
+                with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=[*cbs, timer])
+                rows[th, k].append(timer.rows[1:])  # one list per round; the first batch of a fit pays for dataloader start-up
+            for k, f in losses.items(): loss_times[th, k] += _timed(f, dev, batches)
+    med = lambda xs: 1e3*statistics.median(xs)
+    print(f"device {dev}, batch {BS} x 3 x {SIZE} x {SIZE}, teacher width {TEACHER_W}, student width {STUDENT_W}, "
+          f"{rounds} rounds x {batches} batches, medians in ms")
+    rest = lambda rs: [r['batch'] - sum(r.get(p, 0.) for p in PARTS) for r in rs]
+    for th in threads:
+        alone = rows[th, 'student alone']
+        base = med([r['batch'] for rs in alone for r in rs])
+        print(f"\n{th} thread{'s' if th > 1 else ''}\n")
+        print("| configuration | ms / batch | teacher forward | D own step | generator term: D fwd | D bwd | everything else (rounds' range) | % of student step |")
+        print("|---|---|---|---|---|---|---|---|")
+        for k in configs:
+            rs = [r for rr in rows[th, k] for r in rr]
+            parts = [med([r.get(p, 0.) for r in rs]) for p in PARTS]
+            cells = ' | '.join('-' if p == 0 else f'{p:.2f}' for p in parts)
+            # paired by round (the machine's load drifts): median of this round's rest minus the student's median of the same round
+            diffs = sorted(med(rest(v)) - med([r['batch'] for r in a]) for v, a in zip(rows[th, k], alone))
+            extra = '- | -' if k == 'student alone' else f'{statistics.median(diffs):.2f} ({diffs[0]:.2f} to {diffs[-1]:.2f}) | {100*statistics.median(diffs)/base:.0f}%'
+            print(f"| {k} | {med([r['batch'] for r in rs]):.2f} | {cells} | {extra} |")
+        for k in losses: print(f"\n{k}: {med(loss_times[th, k]):.2f} ms", end='')
+        print()
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--rounds', type=int, default=5); p.add_argument('--batches', type=int, default=6)
-    p.add_argument('--size', type=int, default=32); p.add_argument('--bs', type=int, default=32)
-    p.add_argument('--device', default='cpu')
+    p.add_argument('--rounds', type=int, default=7); p.add_argument('--batches', type=int, default=8)
+    p.add_argument('--threads', default='1,2'); p.add_argument('--device', default='cpu')
     main(**vars(p.parse_args()))

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from ranger_fastai.losses import pixel_wise_loss, pair_wise_loss, Discriminator, wgan_gp_loss, hinge_loss, generator_loss
+from ranger_fastai.losses import _use_dense
 
 def _rel(a, b): return ((a - b).norm() / b.norm()).item()
 
@@ -27,6 +28,14 @@ def test_pixel_wise_maps_value_and_grad(T):
     out = pixel_wise_loss(x, t, T=T); out.backward()
     assert abs(out.item() - ref.item()) <= 1e-5 * ref.item()
     assert _rel(x.grad.double(), s64.grad) <= 1e-4
+
+def test_pixel_wise_teacher_gradient():
+    "Teacher logits that require grad get the gradient of the loss too (the written-out backward handles both inputs)"
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 3, 4, generator=g), torch.randn(2, 5, 3, 4, generator=g)*2
+    t64, t32 = t.double().requires_grad_(), t.clone().requires_grad_()
+    _kl_ref(s, t64, 2.).backward(); pixel_wise_loss(s, t32, T=2.).backward()
+    assert _rel(t32.grad.double(), t64.grad) <= 1e-4
 
 def test_pixel_wise_hinton_logits():
     "(N, C) logits: Hinton's loss; its gradient is T (p_S - p_T) / N"
@@ -102,6 +111,13 @@ def test_pair_wise_matches_dense(hw, cs, ct):
     s = _feats((2, cs, *hw), 0) + 0.3*torch.randn(2, cs, *hw, generator=torch.Generator().manual_seed(5))
     _check_vs_dense(s, _feats((2, ct, *hw), 1))
 
+def test_pair_wise_forms():
+    "The n x n form is used when it costs no more than the Gram matrices (n (Cs + Ct) <= Cs² + Ct² + Cs Ct); both match the definition"
+    assert _use_dense(64, 16, 64) and _use_dense(12, 8, 8) and not _use_dense(1089, 128, 512) and not _use_dense(117, 8, 8)
+    for hw in [(8, 8), (12, 12)]: # 64 nodes: n x n; 144 nodes: Gram
+        s, t = _feats((4, 16, *hw), 0) - 0.2, _feats((4, 64, *hw), 1)
+        _check_vs_dense(s, t); _check_vs_dense(s, t, detach_norm=True)
+
 def test_pair_wise_larger_map():
     _check_vs_dense(_feats((1, 32, 48, 64), 0) - 0.2, _feats((1, 96, 48, 64), 1))
 
@@ -116,9 +132,10 @@ def _near(hw, noise, seed=0, cs=128, ct=512):
     t = torch.einsum('nchw,ck->nkhw', s, M)
     return s, t + noise * t.norm(dim=1, keepdim=True) * torch.randn(t.shape, generator=g) / ct**.5
 
-@pytest.mark.parametrize('hw', [(33, 33), (64, 64)])
+@pytest.mark.parametrize('hw', [(8, 8), (33, 33), (64, 64)])
 @pytest.mark.parametrize('noise', [6e-2, 1e-2, 3e-3, 1e-4, 0.])
 def test_pair_wise_near_agreement(hw, noise):
+    "8x8 nodes (64 < 640 channels): the n x n form; 33x33 and 64x64: the Gram identity"
     s, t = _near(hw, noise)
     ref = _dense_ref(s, t).item()
     assert ref <= 3e-5
