@@ -1,5 +1,6 @@
 "`ranger` inside a fastai `Learner`: hypers, schedules, wd_bn_bias, freezing, checkpoints, export"
 import pickle, warnings
+from functools import partial
 import pytest, torch
 from torch import nn
 from fastai.learner import Learner, load_learner
@@ -128,3 +129,23 @@ def test_slow_weights_callback_validates_slow_and_trains_fast():
         assert torch.equal(w, st[w]['lookahead_slow'])
         slow_loss = learn.validate()[0]
     assert recorded == pytest.approx(slow_loss, rel=1e-5) and fast_loss != pytest.approx(slow_loss, rel=1e-5)
+
+
+def test_slow_weights_callback_checkpoints_slow_weights(tmp_path):
+    "SaveModelCallback saves (and judges) the slow weights; the epoch ends mid Lookahead cycle"
+    from fastai.callback.tracker import SaveModelCallback
+    learn = _learner(tmp_path, cbs=[SlowWeightsCallback(), SaveModelCallback(fname='best', every_epoch=True)])
+    learn.opt_func = partial(ranger, k=7)
+    learn.fit_flat_cos(1, 1e-2)
+    saved = torch.load(tmp_path/'models'/'best_0.pth', weights_only=True)
+    st = learn.opt.opt.state
+    for n, p in learn.model.named_parameters():
+        assert torch.equal(saved[n], st[p]['lookahead_slow']), n
+    assert not all(torch.equal(p, st[p]['lookahead_slow']) for p in learn.model.parameters())
+
+def test_export_with_slow_weights_callback(tmp_path):
+    learn = _learner(tmp_path, cbs=SlowWeightsCallback()); learn.fit_flat_cos(1, 1e-2)
+    learn.export('m.pkl')
+    learn2 = load_learner(tmp_path/'m.pkl')
+    preds, _ = learn2.get_preds(dl=learn.dls.valid)
+    assert preds.shape == (len(learn.dls.valid_ds), 10)

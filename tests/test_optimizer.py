@@ -49,8 +49,8 @@ def _gc_reference_step(p, g, st, lr, b1, b2, eps, wd, step):
     p.mul_(1 - lr * wd)
     st['m'].mul_(b1).add_(g, alpha=1 - b1)
     st['v'].mul_(b2).addcmul_(g, g, value=1 - b2)
-    from ranger_fastai.optimizer import rectifier
-    r = rectifier(step, b2)
+    from ranger_fastai.optimizer import _rectifier
+    r = _rectifier(step, b2)
     if r is None: p.add_(st['m'], alpha=-lr / (1 - b1 ** step))
     else: p.addcdiv_(st['m'], (st['v'] / (1 - b2 ** step)).sqrt() + eps, value=-lr * r / (1 - b1 ** step))
 
@@ -227,3 +227,43 @@ def test_onecycle_cycles_beta1():
     b1 = [b[0] for b in betas]
     assert min(b1) == pytest.approx(0.85, abs=1e-3) and max(b1) == pytest.approx(0.95, abs=1e-3)
     assert all(b[1] == 0.99 for b in betas) and max(lrs) == pytest.approx(1e-2, rel=1e-2)
+
+
+# --- argument types, closures, slow weights -----------------------------------------------------
+
+@pytest.mark.parametrize('kw,err,msg', [(dict(lr=float('inf')), ValueError, 'lr=inf'), (dict(weight_decay=float('nan')), ValueError, 'weight_decay=nan'),
+                                        (dict(lr=None), TypeError, 'lr=None'), (dict(eps='1e-6'), TypeError, "eps='1e-6'"),
+                                        (dict(fused='no'), ValueError, "fused='no'"), (dict(decouple_wd='yes'), ValueError, "decouple_wd='yes'")])
+def test_bad_argument_types(kw, err, msg):
+    with pytest.raises(err, match=msg): Ranger([torch.zeros(2, requires_grad=True)], **kw)
+
+def test_numpy_integer_k():
+    import numpy as np
+    assert Ranger([torch.zeros(2, requires_grad=True)], k=np.int64(4)).param_groups[0]['k'] == 4
+
+def test_lookahead_bad_group_changes_nothing():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    inner = torch.optim.SGD([dict(params=[a]), dict(params=[b], k=0)], lr=0.1)
+    with pytest.raises(ValueError, match='k=0'): TorchLookahead(inner)
+    assert 'k' not in inner.param_groups[0]
+
+@pytest.mark.parametrize('make', [lambda ps: Ranger(ps, lr=0.1, k=2), lambda ps: TorchLookahead(torch.optim.AdamW(ps, lr=0.1), k=2)])
+def test_closure_computes_gradients(make):
+    w = torch.zeros(3, requires_grad=True); opt = make([w])
+    def closure():
+        opt.zero_grad(); loss = ((w - 1) ** 2).sum(); loss.backward(); return loss
+    for _ in range(4): opt.zero_grad(); opt.step(closure)
+    key = 'step' if isinstance(opt, Ranger) else 'lookahead_step'
+    assert opt.state[w][key] == 4 and torch.equal(opt.state[w]['lookahead_slow'], w.detach())
+
+def test_slow_weights_needs_lookahead():
+    with pytest.raises(TypeError, match='AdamW'):
+        with slow_weights(torch.optim.AdamW([torch.zeros(2, requires_grad=True)])): pass
+
+def test_lookahead_counts_per_parameter():
+    "A parameter that misses steps synchronises after its own k-th update"
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = Ranger([a, b], lr=0.1, k=3)
+    for i in range(4):
+        opt.zero_grad(); (((a - 1) ** 2).sum() + (((b - 1) ** 2).sum() if i % 2 else 0)).backward(); opt.step()
+    assert opt.state[a]['step'] == 4 and opt.state[b]['step'] == 2
