@@ -8,6 +8,7 @@ import difflib, math, warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn, Tensor
 from fastcore.basics import patch, store_attr
@@ -33,6 +34,13 @@ class _PhaseAverages:
     def value(self, phase, key):
         keys, tot, n = self.sums.get(phase, ((), None, 0))
         return None if n == 0 or key not in keys else (tot[keys.index(key)]/n).item()
+    def sync(self, phase):
+        "Under distributed training, sum the sums and counts of `phase` over the processes: all of them then show the global averages"
+        if _world() == 1 or phase not in self.sums: return
+        keys, tot, n = self.sums[phase]
+        t = torch.cat([tot, tot.new_tensor([n])])
+        dist.all_reduce(t)
+        self.sums[phase] = (keys, t[:-1], int(t[-1].item()))
 
 class _TermColumn(Metric):
     "A metrics-table column showing `key` from a callback's `_PhaseAverages` (`phase=None`: the phase being logged)"
@@ -111,6 +119,36 @@ def _frozen(model:nn.Module):
     finally:
         for p in ps: p.requires_grad_(True)
 
+# %% ../nbs/02_distill.ipynb #ba087cd5
+def _unwrap(model:nn.Module)->nn.Module:
+    "`model` without its `DistributedDataParallel` or `DataParallel` wrapper"
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+def _world()->int:
+    "Number of processes of the default process group (1 without one)"
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def _broadcast_state(model:nn.Module):
+    "Copy rank 0's parameters and buffers of `model` to every process (no-op in a single process)"
+    if _world() == 1: return
+    for t in [*model.parameters(), *model.buffers()]: dist.broadcast(t.data, 0)
+
+def _average_grads(params):
+    "Replace the gradients of `params` by their mean over the processes: one all-reduce of a flat copy"
+    ps = [p for p in params if p.grad is not None]
+    if _world() == 1 or not ps: return
+    flat = torch.cat([p.grad.reshape(-1) for p in ps])
+    dist.all_reduce(flat)
+    flat /= _world()
+    for p,g in zip(ps, flat.split([p.numel() for p in ps])): p.grad.copy_(g.view_as(p.grad))
+
+def _on_any_rank(flag:bool, device)->bool:
+    "Whether `flag` is true on any process"
+    if _world() == 1: return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
 # %% ../nbs/02_distill.ipynb #3fd6d92f
 def _check_weight(name, v):
     "A `ValueError` unless `v` is a finite number >= 0"
@@ -180,7 +218,7 @@ def _remove_hooks(self:DistillationCallback):
 @patch
 def _register_hooks(self:DistillationCallback):
     "Hook the layers of each pair; `ValueError` (with close names) for a layer that is not found"
-    layers = [(find_layer(self.learn.model, s, 'student'), find_layer(self.teacher, t, 'teacher')) for s,t in self.pairs]
+    layers = [(find_layer(_unwrap(self.learn.model), s, 'student'), find_layer(self.teacher, t, 'teacher')) for s,t in self.pairs]
     for pair in layers:
         grabs = (_Grab(), _Grab())
         self._hooks += [m.register_forward_hook(g) for m,g in zip(pair, grabs)]
@@ -207,7 +245,8 @@ def _shape(t): return tuple(t.shape) if isinstance(t, Tensor) else type(t).__nam
 @patch
 def _check(self:DistillationCallback, xb:tuple):
     "Run student and teacher on `xb` (eval, no grad) and check logits, features and the discriminator"
-    s_model, was = self.learn.model, self.learn.model.training
+    s_model = _unwrap(self.learn.model)
+    was = s_model.training
     s_model.eval()
     try:
         with torch.no_grad():
@@ -247,6 +286,7 @@ def before_fit(self:DistillationCallback):
             raise ValueError(f"ho_weight={self.ho_weight} needs a DiscriminatorCallback on the Learner (see `Learner.distill`), or ho_weight=0")
         dev = _model_device(self.learn.model)
         _move(self.teacher, dev, 'teacher')
+        _broadcast_state(self.teacher)
         if dcb is not None: _move(dcb.discriminator, dev, 'discriminator')
         self.teacher.eval()
         if self.pa_weight > 0: self._register_hooks()
@@ -277,6 +317,10 @@ def before_batch(self:DistillationCallback):
 def before_train(self:DistillationCallback): self.avgs.reset('train')
 @patch
 def before_validate(self:DistillationCallback): self.avgs.reset('valid')
+@patch
+def after_train(self:DistillationCallback): self.avgs.sync('train')
+@patch
+def after_validate(self:DistillationCallback): self.avgs.sync('valid')
 
 def _plain(t):
     "`t` as a plain `Tensor` (fastai's tensor subclasses make each op pay for `__torch_function__`)"
@@ -368,6 +412,7 @@ def before_fit(self:DiscriminatorCallback):
     if self.discriminator is None: raise ValueError("This DiscriminatorCallback has no discriminator (exported learners do not keep it): set `cb.discriminator` or remove the callback")
     if not any(isinstance(c, DistillationCallback) for c in self.learn.cbs): raise ValueError("DiscriminatorCallback needs a DistillationCallback on the Learner: it provides the teacher and student maps")
     _move(self.discriminator, _model_device(self.learn.model), 'discriminator')
+    _broadcast_state(self.discriminator)
     if self.d_opt is None: self.create_opt()
     _add_columns(self, ['d_loss'], phases=('train',))
 
@@ -376,6 +421,8 @@ def after_fit(self:DiscriminatorCallback): _remove_columns(self); self._proxies 
 
 @patch
 def before_train(self:DiscriminatorCallback): self.avgs.reset('train')
+@patch
+def after_train(self:DiscriminatorCallback): self.avgs.sync('train')
 
 @patch
 def before_batch(self:DiscriminatorCallback):
@@ -385,16 +432,16 @@ def before_batch(self:DiscriminatorCallback):
 @patch
 def after_step(self:DiscriminatorCallback):
     "The discriminator's steps on this batch's maps"
-    dist = next(c for c in self.learn.cbs if isinstance(c, DistillationCallback))
-    if dist.maps is None: return
-    real, fake, img = dist.maps
-    dist.maps = None
+    distiller = next(c for c in self.learn.cbs if isinstance(c, DistillationCallback))
+    if distiller.maps is None: return
+    real, fake, img = distiller.maps
+    distiller.maps = None
     for _ in range(self.n_steps): self.d_step(real, fake, img)
 
 # %% ../nbs/02_distill.ipynb #30d8d16d
 @patch
 def d_step(self:DiscriminatorCallback, real:Tensor, fake:Tensor, img:Tensor|None=None):
-    "One discriminator step on maps `real` and `fake`; skipped (with a warning) when the loss or penalty is not finite"
+    "One discriminator step on maps `real` and `fake`; skipped (with a warning) when the loss or penalty is not finite (on any process)"
     D = self.discriminator.train()
     scaler = getattr(self.learn, 'scaler', None)
     if scaler is not None and not scaler.is_enabled(): scaler = None
@@ -402,13 +449,16 @@ def d_step(self:DiscriminatorCallback, real:Tensor, fake:Tensor, img:Tensor|None
     with (torch.autocast(ac.device, dtype=ac.fast_dtype) if ac is not None else nullcontext()):
         if self.loss_kind == 'wgan-gp': d_loss, pen = wgan_gp_loss(D, real, fake, img, gp_weight=self.gp_weight, scaler=scaler)
         else: d_loss, pen = hinge_loss(D, real, fake, img), None
-    if not bool(torch.isfinite(d_loss)) or (pen is not None and not bool(torch.isfinite(pen))):
+    bad = not bool(torch.isfinite(d_loss)) or (pen is not None and not bool(torch.isfinite(pen)))
+    if _on_any_rank(bad, d_loss.device): # every process takes the same decision, or they would deadlock or drift apart
         self.n_skipped += 1
-        warnings.warn(f"DiscriminatorCallback skipped a step: non-finite {'penalty' if pen is not None and not torch.isfinite(pen) else 'loss'} "
+        what = ('penalty' if pen is not None and not torch.isfinite(pen) else 'loss') if bad else 'loss or penalty on another process'
+        warnings.warn(f"DiscriminatorCallback skipped a step: non-finite {what} "
                       f"(loss {d_loss.item()}, penalty {None if pen is None else pen.item()}); its weights and optimizer state are unchanged")
         return
     self.d_opt.zero_grad()
     (scaler.scale(d_loss) if scaler is not None else d_loss).backward()
+    _average_grads(self.discriminator.parameters()) # distributed: the mean over processes, before the (scaler's) step
     if scaler is None: self.d_opt.step()
     else:
         proxy = _ScalerProxy(self.d_opt)
@@ -474,7 +524,8 @@ Learner.save._fastai, Learner.load._fastai = _fastai_save, _fastai_load
 # %% ../nbs/02_distill.ipynb #b630f081
 def _default_discriminator(learn:Learner)->Discriminator:
     "A `Discriminator` for the class count of `learn`'s student (probed on one sample) and the channels of its images"
-    m, was = learn.model, learn.model.training
+    m = _unwrap(learn.model)
+    was = m.training
     xb = to_device(learn.dls.train.one_batch()[:learn.dls.train.n_inp], _model_device(m))
     try:
         with torch.no_grad(): out = m.eval()(*[x[:1] for x in xb])

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 from fastai.learner import Metric
+from fastai.torch_core import num_distrib
 
 # %% auto #0
 __all__ = ['confusion_matrix', 'miou_from_confusion', 'MeanIoU']
@@ -75,20 +76,31 @@ class MeanIoU(Metric):
         "Start a new confusion matrix"
         self.cm = None
 
-    def accum_values(self, pred, target):
-        "Add a batch of scores (with a class axis) or labels `pred`, with labels `target`, to the confusion matrix"
+    def _labels(self, pred, target)->tuple:
+        "Predicted labels (the argmax over `axis` of scores), targets, and the class count"
         pred, target = _plain(pred).detach(), _plain(target).detach()
         n = self.n_classes
         if pred.dim() == target.dim() + 1:
             n = n or pred.shape[self.axis]
             pred = pred.argmax(self.axis)
         if n is None: raise ValueError("MeanIoU needs n_classes when predictions are labels (no class axis)")
-        cm = confusion_matrix(pred, target, n, self.ignore_index).cpu()
+        return pred, target, n
+
+    def _add(self, cm):
+        cm = cm.cpu()
         self.cm = cm if self.cm is None else self.cm + cm
 
+    def accum_values(self, pred, target):
+        "Add a batch of scores (with a class axis) or labels `pred`, with labels `target`, to the confusion matrix"
+        pred, target, n = self._labels(pred, target)
+        self._add(confusion_matrix(pred, target, n, self.ignore_index))
+
     def accumulate(self, learn):
-        "Add the current batch of `learn`"
-        self.accum_values(learn.pred, learn.y)
+        "Add the current batch of `learn`; under distributed training, the batches of all processes"
+        if num_distrib() <= 1: return self.accum_values(learn.pred, learn.y)
+        pred, target, n = self._labels(learn.pred, learn.y)
+        per_image = torch.stack([confusion_matrix(p, t, n, self.ignore_index) for p,t in zip(pred, target)])
+        self._add(learn.to_detach(per_image).sum(0)) # fastai gathers them from every process (its DistributedDL drops its padding)
 
     def __call__(self, pred, target):
         "Mean IoU of one batch"
