@@ -6,8 +6,10 @@
 from __future__ import annotations
 import argparse, shlex, sys, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated') # torch's notice about fastai internals, not the user's business
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 import torch
+from fastai.torch_core import num_distrib, rank_distrib
 from .experiments import OPTIMIZERS, VARIANTS, PRESETS, leaderboard_data, distill_data, run_experiments
 
 # %% auto #0
@@ -97,21 +99,35 @@ def _data(a, settings:dict, device)->dict:
 
 def _scene_text(scenes:dict)->str: return ', '.join(f'{k}={v}' for k,v in scenes.items())
 
+# %% ../nbs/05_cli.ipynb #050f65ee
+@contextmanager
+def _processes(device:torch.device):
+    "Under a launcher (`WORLD_SIZE` set): join its process group, give this process's device and fastai's `DistributedTrainer`; else `device` and no callbacks"
+    if not num_distrib():
+        yield device, []
+        return
+    from ranger_fastai.distributed import process_group # needs accelerate: a one-line ImportError otherwise
+    from fastai.distributed import DistributedTrainer
+    with process_group(device) as dev: yield dev, [DistributedTrainer(sync_bn=dev.type == 'cuda', cpu=dev.type == 'cpu')]
+
 # %% ../nbs/05_cli.ipynb #534e2c56
 def main(argv:list|None=None, # Arguments (default: the command line)
         ):
-    "The `ranger-fastai` command"
+    "The `ranger-fastai` command (one process, or one per device under `torchrun`/`accelerate launch`)"
     p = _parser()
     a = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
     fail = lambda e: p.exit(2, f"ranger-fastai {a.command}: error: {e}\n")
     torch.set_num_threads(a.threads)
-    try:
-        device = _device(a.device)
-        settings = _settings(a)
-        info = _data(a, settings, device)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e: fail(e)
-    out = a.out or Path(f'ranger_fastai_{a.command}')
-    config = dict(command=shlex.join(['ranger-fastai', *map(str, argv)]), device=str(device), threads=a.threads, **info)
-    res = run_experiments(out, settings['leaderboard'], settings['distill'], config=config)
-    if res['interrupted']: raise SystemExit(130)
+    with ExitStack() as stack: # leaves the process group (if any) on every way out
+        try:
+            device, cbs = stack.enter_context(_processes(_device(a.device)))
+            settings = _settings(a)
+            info = _data(a, settings, device)
+        except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e: fail(e)
+        out = a.out or Path(f'ranger_fastai_{a.command}')
+        config = dict(command=shlex.join(['ranger-fastai', *map(str, argv)]), device=str(device), threads=a.threads,
+                      processes=max(num_distrib(), 1), **info)
+        rank0 = rank_distrib() == 0 # progress, log lines and the report: rank 0 only
+        res = run_experiments(out, settings['leaderboard'], settings['distill'], config=config, cbs=cbs, bar=rank0, log=print if rank0 else None)
+    if res is not None and res['interrupted']: raise SystemExit(130)

@@ -405,6 +405,8 @@ def write_report(out:str|Path, # Folder (created)
     return res
 
 # %% ../nbs/06_experiments.ipynb #27bec8da
+from fastai.torch_core import rank_distrib
+
 def run_experiments(out:str|Path, # Folder of the report
                     leaderboard:dict|None=None, # Arguments of `run_leaderboard` (with `dls`), or `None` to skip it
                     distill:dict|None=None, # Arguments of `run_distill` (with `dls`), or `None` to skip it
@@ -413,7 +415,7 @@ def run_experiments(out:str|Path, # Folder of the report
                     bar:bool=True, # Progress bars
                     log=print, # Where lines go (`None`: quiet)
                    )->dict:
-    "Run the leaderboard and/or the distillation ablation and write the report, keeping what finished if interrupted"
+    "Run the leaderboard and/or the distillation ablation and write the report (rank 0 only under distributed training: other ranks return `None`), keeping what finished if interrupted"
     runs, models, interrupted, start = [], {}, False, time.perf_counter()
     cfg = dict(config or {})
     for k,kw in (('leaderboard', leaderboard), ('distill', distill)):
@@ -424,6 +426,7 @@ def run_experiments(out:str|Path, # Folder of the report
     except KeyboardInterrupt:
         interrupted = True
         if log: log(f'Interrupted: writing the report of the {len(runs)} finished run(s)')
+    if rank_distrib() != 0: return None # every process has the same metrics (fastai gathers them): one report
     res = write_report(out, runs, models, None if distill is None else distill['dls'], cfg, interrupted, time.perf_counter() - start)
     if log:
         if res['tables']['leaderboard']: log('\n' + leaderboard_markdown(leaderboard_table(runs)))
