@@ -158,7 +158,7 @@ def test_interrupted_run_keeps_finished_runs(tmp_path):
 
 def test_interrupted_command_exits_130(tmp_path, monkeypatch):
     run = cli.run_experiments
-    monkeypatch.setattr(cli, 'run_experiments', lambda *a, **k: run(*a, cbs=[_CtrlC()], **k))
+    monkeypatch.setattr(cli, 'run_experiments', lambda *a, cbs=(), **k: run(*a, cbs=[*cbs, _CtrlC()], **k))
     with pytest.raises(SystemExit) as e: main(['leaderboard', *TINY_LB, '--optimizers', 'ranger', '--out', str(tmp_path)])
     assert e.value.code == 130
     saved = _results(tmp_path)
