@@ -1,4 +1,4 @@
-"`Ranger` sharded by `torch.distributed.optim.ZeroRedundancyOptimizer`: two gloo processes on loopback"
+"Two gloo processes on loopback, started here and bounded in time: `Ranger` sharded by ZeRO, distillation under DDP (fastai's `distrib_ctx` and a hand-wrapped student), the command under `torchrun`"
 import io, socket, traceback
 import pytest, torch
 import torch.distributed as dist
