@@ -1,12 +1,12 @@
 """Training step time per batch with structured knowledge distillation, on the tutorial's teacher and student.
 
-The networks are built by the tutorial's own `seg_net` (read from nbs/10_tutorial_distill.ipynb, not copied: the
-function's definition is taken from the notebook's source and executed), at the tutorial's widths (teacher 32,
-student 8), with the tutorial's discriminator (`Discriminator(4, nf=16, n_layers=3, attn_layers=(2,))`, fed maps
-and image), 4 classes, 32x32 images, batch 32: the built-in data's resolution. Batches are random tensors of those
-shapes (time does not depend on their content).
+The networks are the ones `ranger-fastai distill` and the tutorial (nbs/10_tutorial_distill.ipynb) train: `SegNet`s
+at the widths of `PRESETS['distill']` (teacher 16, student 8), with the same discriminator
+(`Discriminator(11, nf=16, n_layers=3, attn_layers=(2,))`, fed maps and image), the pair-wise term on the `dec1`
+layers, 11 classes, 32x32 images, batch 32: the built-in digit scenes' resolution. Batches are random tensors of
+those shapes (time does not depend on their content).
 
-Each configuration (student alone, + pixel-wise, + pair-wise on layer '3', + holistic with the discriminator step)
+Each configuration (student alone, + pixel-wise, + pair-wise, + holistic with the discriminator step)
 is timed in real fastai fits: one batch is `before_batch` to `after_batch`, the first batch of each fit is dropped.
 Inside those same batches, hooks time the teacher's forward pass, the discriminator's own step (`d_step`: its loss
 with the gradient penalty, backward, optimizer step) and the generator term's discriminator forward and backward
@@ -18,33 +18,21 @@ rounds; all numbers are medians in ms. The pixel-wise and pair-wise loss functio
 
 Usage: python bench/distill_step.py [--rounds 7] [--batches 8] [--threads 1,2] [--device cpu]
 """
-import argparse, ast, json, statistics, time
-from pathlib import Path
+import argparse, statistics, time
 import torch
 from torch import nn
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.losses import CrossEntropyLossFlat
-from fastai.layers import ConvLayer
 from fastai.data.core import Datasets
 from fastai.callback.progress import *  # Learner.no_bar
 from ranger_fastai.losses import Discriminator, pixel_wise_loss, pair_wise_loss
 from ranger_fastai.distill import DistillationCallback, DiscriminatorCallback
+from ranger_fastai.experiments import SegNet, PRESETS
 
-TUTORIAL = Path(__file__).parent.parent/'nbs'/'10_tutorial_distill.ipynb'
-TEACHER_W, STUDENT_W, N_CLASSES, SIZE, BS = 32, 8, 4, 32, 32  # as in the tutorial
-
-def tutorial_fn(name, nb=TUTORIAL, ns=None):
-    "The function `name` defined in a code cell of notebook `nb`, executed alone in namespace `ns`"
-    for cell in json.loads(Path(nb).read_text())['cells']:
-        if cell['cell_type'] != 'code': continue
-        tree = ast.parse(''.join(cell['source']))
-        defs = [d for d in tree.body if isinstance(d, ast.FunctionDef) and d.name == name]
-        if defs:
-            ns = dict(ns or {})
-            exec(compile(ast.Module(body=defs, type_ignores=[]), str(nb), 'exec'), ns)
-            return ns[name]
-    raise ValueError(f"No function {name!r} in {nb}")
+SETTINGS = PRESETS['distill']['distill']
+TEACHER_W, STUDENT_W, N_CLASSES, SIZE, BS = SETTINGS['teacher_width'], SETTINGS['student_width'], 11, PRESETS['distill']['scenes']['size'], PRESETS['distill']['distill_bs']
+PAIR = ('dec1', 'dec1')
 
 def _sync(dev):
     if dev.type == 'cuda': torch.cuda.synchronize()
@@ -103,10 +91,9 @@ PARTS = ('teacher', 'd_step', 'gen', 'gen_bwd')
 
 def main(rounds=7, batches=8, threads='1,2', device='cpu'):
     dev, threads = torch.device(device), [int(t) for t in str(threads).split(',')]
-    seg_net = tutorial_fn('seg_net', ns=dict(nn=nn, ConvLayer=ConvLayer))
     dls = random_dls(BS*(batches+1), SIZE, BS, N_CLASSES, device=dev)
     torch.manual_seed(0)
-    teacher, student = seg_net(TEACHER_W, N_CLASSES).to(dev), seg_net(STUDENT_W, N_CLASSES).to(dev)
+    teacher, student = SegNet(N_CLASSES, TEACHER_W).to(dev), SegNet(N_CLASSES, STUDENT_W).to(dev)
     D = Discriminator(N_CLASSES, nf=16, n_layers=3, attn_layers=(2,)).to(dev)
     learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(axis=1))
     dcb, clock = DiscriminatorCallback(D), _Clock(dev)
@@ -114,15 +101,15 @@ def main(rounds=7, batches=8, threads='1,2', device='cpu'):
     configs = {
         'student alone': [],
         '+ pixel-wise': [DistillationCallback(teacher, pa_weight=0, ho_weight=0)],
-        '+ pair-wise': [DistillationCallback(teacher, ho_weight=0, pairs=[('3', '3')])],
-        '+ holistic (D step)': [DistillationCallback(teacher, pairs=[('3', '3')]), dcb],
+        '+ pair-wise': [DistillationCallback(teacher, ho_weight=0, pairs=[PAIR])],
+        '+ holistic (D step)': [DistillationCallback(teacher, pairs=[PAIR]), dcb],
     }
     learn.recorder.silent = True
     with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=configs['+ holistic (D step)'])  # warm-up
     # the loss functions alone, on the tutorial's tensors
     xb, _ = dls.one_batch()
     feats = {}
-    hooks = [net[3].register_forward_hook(lambda m, i, o, k=k: feats.__setitem__(k, o.as_subclass(torch.Tensor))) for k, net in (('s', student), ('t', teacher))]
+    hooks = [net.get_submodule(PAIR[0]).register_forward_hook(lambda m, i, o, k=k: feats.__setitem__(k, o.as_subclass(torch.Tensor))) for k, net in (('s', student), ('t', teacher))]
     with torch.no_grad(): t_logits = teacher(xb).as_subclass(torch.Tensor); student(xb)
     for h in hooks: h.remove()
     s_logits = student(xb).as_subclass(torch.Tensor).detach().requires_grad_()

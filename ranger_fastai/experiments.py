@@ -206,14 +206,14 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
                 seeds:list=(0, 1, 2), # Seeds of the students (the teacher is trained once, with seed 0)
                 epochs:int=10, # Epochs of each student
                 teacher_epochs:int=10, # Epochs of the teacher
-                lr:float=1e-2, # Learning rate of teacher and students (`fit_one_cycle`, `ranger`)
+                lr:float=1e-2, # Learning rate of teacher and students (`fit_flat_cos`, `ranger`)
                 teacher_width:int=16, # `SegNet` width of the teacher
                 student_width:int=4, # `SegNet` width of the students
                 pi_weight:float=1., # Weight of the pixel-wise term
                 pa_weight:float=1., # Weight of the pair-wise term
                 ho_weight:float=0.1, # Weight of the holistic term
                 T:float=1., # Temperature of the pixel-wise term
-                pairs:list=(('dec1', 'dec1'),), # (student layer, teacher layer) pairs of the pair-wise term
+                pairs:list=(('dec3', 'dec3'),), # (student layer, teacher layer) pairs of the pair-wise term
                 pool:int|float|None=None, # Node pooling of the pair-wise term (see `pool_nodes`)
                 d_lr:float=1e-4, # Learning rate of the discriminator
                 runs:list|None=None, # Finished runs are appended here as they finish (kept if interrupted)
@@ -232,7 +232,7 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
     _seed(dls, 0)
     teacher = _learner(dls, SegNet(n_classes, teacher_width, dls.one_batch()[0].shape[1]), MeanIoU(n_classes), ranger, cbs, bar)
     r = dict(experiment='distill', variant='teacher', seed=0, epochs=teacher_epochs, width=teacher_width,
-             params=_n_params(teacher.model), **_fit(teacher, 'fit_one_cycle', teacher_epochs, lr))
+             params=_n_params(teacher.model), **_fit(teacher, 'fit_flat_cos', teacher_epochs, lr))
     r['miou'] = r.pop('metric')
     runs.append(r); models['teacher'] = teacher.model
     if log: log(f"teacher (width {teacher_width}, {r['params']:,} parameters): mIoU {r['miou']:.4f} ({r['time']:.1f}s)")
@@ -240,7 +240,7 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
     for i,(v,s) in enumerate(jobs):
         learn = _student(dls, student_width, s, teacher.model, VARIANTS[v], weights, T, list(pairs), pool, d_lr, cbs, bar, n_classes)
         r = dict(experiment='distill', variant=v, seed=s, epochs=epochs, width=student_width, params=_n_params(learn.model),
-                 **_fit(learn, 'fit_one_cycle', epochs, lr))
+                 **_fit(learn, 'fit_flat_cos', epochs, lr))
         r['miou'] = r.pop('metric')
         runs.append(r); models.setdefault(v, learn.model)
         if log: log(f"[{i+1}/{len(jobs)}] {v:13s} seed={s}: mIoU {r['miou']:.4f} ({r['time']:.1f}s)")
@@ -300,7 +300,7 @@ def show_predictions(models:dict, # Models by name, e.g. what `run_distill` fill
     return fig
 
 # %% ../nbs/06_experiments.ipynb #a3e6f174
-SCENES = dict(n_train=2000, n_valid=500, size=32, n_digits=(1, 2), scale=(0.55, 0.85), n_clutter=(0, 2), max_rotate=10.)
+SCENES = dict(n_train=6000, n_valid=500, size=32, n_digits=(1, 2), scale=(0.55, 0.85), n_clutter=(0, 2), max_rotate=10.)
 
 def leaderboard_data(data:str|Path|None=None, # An ImageFolder tree (`train/`, `valid/`), or `None` for the built-in digits
                      bs:int=64, # Batch size
@@ -327,10 +327,10 @@ def distill_data(data:str|Path|None=None, # A CamVid-style folder, or `None` for
 # %% ../nbs/06_experiments.ipynb #a3982450
 PRESETS = {
     'leaderboard': dict(leaderboard=dict(lrs=[3e-3, 1e-2, 3e-2], seeds=[0, 1, 2], epochs=5), leaderboard_bs=64),
-    'distill': dict(distill=dict(seeds=[0, 1, 2], epochs=10, teacher_epochs=20, lr=3e-2, teacher_width=16, student_width=8),
+    'distill': dict(distill=dict(seeds=[0, 1, 2], epochs=10, teacher_epochs=10, lr=1e-2, teacher_width=16, student_width=8),
                     distill_bs=32, scenes=SCENES),
     'demo': dict(leaderboard=dict(lrs=[1e-2, 3e-2], seeds=[0, 1], epochs=3), leaderboard_bs=64,
-                 distill=dict(variants=['student', '+ pixel-wise'], seeds=[0, 1], epochs=10, teacher_epochs=20, lr=3e-2, teacher_width=16, student_width=8),
+                 distill=dict(variants=['student', '+ pixel-wise'], seeds=[0], epochs=10, teacher_epochs=10, lr=1e-2, teacher_width=16, student_width=8),
                  distill_bs=32, scenes=SCENES),
 }
 
