@@ -2,7 +2,7 @@
 
 The networks are the ones `ranger-fastai distill` and the tutorial (nbs/10_tutorial_distill.ipynb) train: `SegNet`s
 at the widths of `PRESETS['distill']` (teacher 16, student 8), with the same discriminator
-(`Discriminator(11, nf=16, n_layers=3, attn_layers=(2,))`, fed maps and image), the pair-wise term on the `dec1`
+(`Discriminator(11, nf=16, n_layers=3, attn_layers=(2,))`, fed maps and image), the pair-wise term on the `dec3`
 layers, 11 classes, 32x32 images, batch 32: the built-in digit scenes' resolution. Batches are random tensors of
 those shapes (time does not depend on their content).
 
@@ -20,7 +20,6 @@ Usage: python bench/distill_step.py [--rounds 7] [--batches 8] [--threads 1,2] [
 """
 import argparse, statistics, time
 import torch
-from torch import nn
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.losses import CrossEntropyLossFlat
@@ -32,7 +31,7 @@ from ranger_fastai.experiments import SegNet, PRESETS
 
 SETTINGS = PRESETS['distill']['distill']
 TEACHER_W, STUDENT_W, N_CLASSES, SIZE, BS = SETTINGS['teacher_width'], SETTINGS['student_width'], 11, PRESETS['distill']['scenes']['size'], PRESETS['distill']['distill_bs']
-PAIR = ('dec1', 'dec1')
+PAIR = ('dec3', 'dec3')  # run_distill's default pair
 
 def _sync(dev):
     if dev.type == 'cuda': torch.cuda.synchronize()

@@ -38,17 +38,20 @@ class _PixelWise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, T):
         if T != 1: s, t = s/T, t/T
-        log_ps, log_pt = F.log_softmax(s, 1), F.log_softmax(t, 1)
-        pt, d = log_pt.exp(), log_pt - log_ps
-        ctx.save_for_backward(log_ps, pt, d)
-        ctx.c = T / (s.numel() // s.shape[1]) # d/ds (T² KL(p_T || p_S(s/T))) = T (p_S - p_T), over the positions
-        return (pt*d).sum() * (T*T / (s.numel() // s.shape[1]))
+        log_ps, d = F.log_softmax(s, 1), F.log_softmax(t, 1)
+        pt = d.exp()
+        d.sub_(log_ps) # log p_T - log p_S, in place: each full-size buffer costs time at these sizes
+        n = s.numel() // s.shape[1] # positions
+        keep_d = ctx.needs_input_grad[1] # only the teacher's gradient needs d
+        ctx.save_for_backward(log_ps, pt, d if keep_d else None)
+        ctx.c = T / n # d/ds (T² KL(p_T || p_S(s/T))) = T (p_S - p_T), over the positions
+        return ((pt*d) if keep_d else d.mul_(pt)).sum() * (T*T / n)
 
     @staticmethod
     def backward(ctx, g):
         log_ps, pt, d = ctx.saved_tensors
         c = g.to(pt.dtype) * ctx.c
-        ds = (log_ps.exp() - pt) * c if ctx.needs_input_grad[0] else None
+        ds = log_ps.exp().sub_(pt).mul_(c) if ctx.needs_input_grad[0] else None
         dt = pt * (d - (pt*d).sum(1, keepdim=True)) * c if ctx.needs_input_grad[1] else None
         return ds, dt, None
 
