@@ -392,7 +392,7 @@ def write_report(out:str|Path, # Folder (created)
         plot_leaderboard(runs, out/'leaderboard.png')
         md += ['![Leaderboard curves](leaderboard.png)', '']
     if ds_rows:
-        md += ['## Structured knowledge distillation', '', f"Teacher and students are `SegNet`s; {_settings(config.get('distill', {}))}.", '',
+        md += ['## Structured knowledge distillation', '', f"Teacher and students are `SegNet`s trained with `ranger` and `fit_flat_cos`; {_settings(config.get('distill', {}))}.", '',
                'Dataset-level mean IoU (background included) over student seeds; each row adds one term to the row above. '
                'Gap closed: (variant - student) / (teacher - student).', '', distill_markdown(ds_rows), '']
         if models and distill_dls is not None and 'teacher' in models and len(models) > 1:
