@@ -101,7 +101,7 @@ class _PairWise(torch.autograd.Function):
             mats, res = (A,), A.square().sum()
         else: # the Gram identity, summed in float64
             mats = (S @ S.mT, S @ T.mT, T @ T.mT)
-            res = _sq_norm64(mats[0]) + _sq_norm64(mats[2]) - 2*_sq_norm64(mats[1])
+            res = (_sq_norm64(mats[0]) + _sq_norm64(mats[2]) - 2*_sq_norm64(mats[1])).clamp_min(0) # cancellation can dip below 0
         ctx.dtypes = fs.dtype, ft.dtype
         ctx.save_for_backward(S, T, inv_s, inv_t, *mats)
         return (res / (N*n*n)).to(dt)
