@@ -19,7 +19,7 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam, RAdam, ranger as fastai_ranger
 from fastai.torch_core import Module, set_seed
-from fastai.callback.schedule import fit_flat_cos, fit_one_cycle
+from fastai.callback.schedule import fit_flat_cos # adds `Learner.fit_flat_cos`
 from fastai.callback.progress import ProgressCallback
 from .optimizer import ranger
 from .metrics import MeanIoU
@@ -81,10 +81,10 @@ def _seed(dls, seed:int):
     set_seed(seed, reproducible=True)
     for dl in dls.loaders: dl.rng = random.Random(seed)
 
-def _fit(learn:Learner, sched:str, epochs:int, lr:float)->dict:
-    "Fit `learn` with schedule `sched` (`'fit_flat_cos'` or `'fit_one_cycle'`); its final metric, curves and time"
+def _fit(learn:Learner, epochs:int, lr:float)->dict:
+    "Fit `learn` with `fit_flat_cos`; its final metric, curves and time"
     start = time.perf_counter()
-    getattr(learn, sched)(epochs, lr)
+    learn.fit_flat_cos(epochs, lr)
     secs = time.perf_counter() - start
     vals = [list(map(float, v)) for v in learn.recorder.values]
     return dict(metric=vals[-1][2], curve=[v[2] for v in vals], train_loss=[v[0] for v in vals],
@@ -127,7 +127,7 @@ def run_leaderboard(dls, # Classification `DataLoaders` (e.g. `digits_dls()`)
     for i,(o,lr,s) in enumerate(jobs):
         _seed(dls, s)
         learn = _learner(dls, small_cnn(dls.c, width, c_in), accuracy, OPTIMIZERS[o], cbs, bar)
-        r = dict(experiment='leaderboard', optimizer=o, lr=lr, seed=s, epochs=epochs, **_fit(learn, 'fit_flat_cos', epochs, lr))
+        r = dict(experiment='leaderboard', optimizer=o, lr=lr, seed=s, epochs=epochs, **_fit(learn, epochs, lr))
         r['accuracy'] = r.pop('metric')
         runs.append(r)
         if log: log(f"[{i+1}/{len(jobs)}] {o:13s} lr={lr:g} seed={s}: accuracy {r['accuracy']:.4f} ({r['time']:.1f}s)")
@@ -232,7 +232,7 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
     _seed(dls, 0)
     teacher = _learner(dls, SegNet(n_classes, teacher_width, dls.one_batch()[0].shape[1]), MeanIoU(n_classes), ranger, cbs, bar)
     r = dict(experiment='distill', variant='teacher', seed=0, epochs=teacher_epochs, width=teacher_width,
-             params=_n_params(teacher.model), **_fit(teacher, 'fit_flat_cos', teacher_epochs, lr))
+             params=_n_params(teacher.model), **_fit(teacher, teacher_epochs, lr))
     r['miou'] = r.pop('metric')
     runs.append(r); models['teacher'] = teacher.model
     if log: log(f"teacher (width {teacher_width}, {r['params']:,} parameters): mIoU {r['miou']:.4f} ({r['time']:.1f}s)")
@@ -240,7 +240,7 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
     for i,(v,s) in enumerate(jobs):
         learn = _student(dls, student_width, s, teacher.model, VARIANTS[v], weights, T, list(pairs), pool, d_lr, cbs, bar, n_classes)
         r = dict(experiment='distill', variant=v, seed=s, epochs=epochs, width=student_width, params=_n_params(learn.model),
-                 **_fit(learn, 'fit_flat_cos', epochs, lr))
+                 **_fit(learn, epochs, lr))
         r['miou'] = r.pop('metric')
         runs.append(r); models.setdefault(v, learn.model)
         if log: log(f"[{i+1}/{len(jobs)}] {v:13s} seed={s}: mIoU {r['miou']:.4f} ({r['time']:.1f}s)")
