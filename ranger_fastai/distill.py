@@ -16,7 +16,7 @@ from fastcore.meta import delegates
 from fastai.torch_core import find_bs, to_device
 from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback
-from .losses import pixel_wise_loss, pair_wise_loss, Discriminator, wgan_gp_loss, hinge_loss, generator_loss
+from .losses import _pixel_wise, pair_wise_loss, Discriminator, wgan_gp_loss, hinge_loss, generator_loss
 from .optimizer import ranger
 
 # %% auto #0
@@ -85,6 +85,20 @@ class _Grab:
     "Forward hook keeping its module's output once per arming (an unarmed call drops it); pickles empty"
     def __init__(self): self.armed, self.out = False, None
     def __call__(self, m, i, o): self.out, self.armed = (o if self.armed else None), False
+    def __getstate__(self): return {}
+    def __setstate__(self, d): self.__init__()
+
+def _plain(t):
+    "`t` as a plain `Tensor` (fastai's tensor subclasses make each op pay for `__torch_function__`)"
+    return t.as_subclass(Tensor) if isinstance(t, Tensor) and type(t) is not Tensor else t
+
+class _TeacherRun:
+    "Forward pre-hook on the student: once per arming, runs `teacher` (no grad) on the student's inputs just before the student (an unarmed call drops the result); pickles empty"
+    def __init__(self, teacher=None): self.teacher, self.armed, self.out = teacher, False, None
+    def __call__(self, m, args):
+        armed, self.armed, self.out = self.armed, False, None
+        if armed:
+            with torch.no_grad(): self.out = _plain(self.teacher(*map(_plain, args)))
     def __getstate__(self): return {}
     def __setstate__(self, d): self.__init__()
 
@@ -172,7 +186,7 @@ def pool_nodes(f:Tensor, # Features (N, C, H, W)
 class DistillationCallback(Callback):
     "Add structured knowledge distillation terms (pixel-wise, pair-wise, holistic) from `teacher` to the student's objective"
     order = 5
-    _stateattrs = ('teacher', 'maps', '_hooks', '_grabs', '_terms')
+    _stateattrs = ('teacher', 'maps', '_hooks', '_grabs', '_teacher_run', '_terms')
     def __init__(self, teacher:nn.Module|Learner, # The teacher, or a fastai `Learner` (then its model)
                  pi_weight:float=1., # Weight of the pixel-wise term (0: off)
                  pa_weight:float=1., # Weight of the pair-wise term (0 or no `pairs`: off)
@@ -196,7 +210,7 @@ class DistillationCallback(Callback):
     def _init_state(self):
         super()._init_state()
         if not hasattr(self, 'teacher'): self.teacher = None
-        self.maps, self._hooks, self._grabs, self._terms, self._on, self.avgs = None, [], [], [], False, _PhaseAverages()
+        self.maps, self._hooks, self._grabs, self._teacher_run, self._terms, self._on, self.avgs = None, [], [], None, [], False, _PhaseAverages()
 
     @property
     def terms(self)->list:
@@ -213,21 +227,32 @@ def _disc_cb(self:DistillationCallback):
 def _remove_hooks(self:DistillationCallback):
     "Remove the forward hooks (and forget what they held)"
     for h in getattr(self, '_hooks', []): h.remove()
-    self._hooks, self._grabs = [], []
+    self._hooks, self._grabs, self._teacher_run = [], [], None
 
 @patch
 def _register_hooks(self:DistillationCallback):
-    "Hook the layers of each pair; `ValueError` (with close names) for a layer that is not found"
-    layers = [(find_layer(_unwrap(self.learn.model), s, 'student'), find_layer(self.teacher, t, 'teacher')) for s,t in self.pairs]
+    "Hook the student to run the teacher first, and the layers of each pair; `ValueError` (with close names) for a layer that is not found"
+    layers = [(find_layer(_unwrap(self.learn.model), s, 'student'), find_layer(self.teacher, t, 'teacher')) for s,t in self.pairs] if self.pa_weight > 0 else []
+    self._teacher_run = _TeacherRun(self.teacher)
+    self._hooks.append(self.learn.model.register_forward_pre_hook(self._teacher_run))
     for pair in layers:
         grabs = (_Grab(), _Grab())
         self._hooks += [m.register_forward_hook(g) for m,g in zip(pair, grabs)]
         self._grabs.append(grabs)
 
 @patch
-def _arm(self:DistillationCallback):
+def _arm(self:DistillationCallback, run_teacher:bool=True):
+    "Arm the hooks for one forward pass of the student and the teacher (the student's pre-hook runs the teacher if `run_teacher`)"
+    self._teacher_run.armed, self._teacher_run.out = run_teacher, None
     for gs in self._grabs:
         for g in gs: g.armed, g.out = True, None
+
+@patch
+def _take_teacher(self:DistillationCallback)->Tensor:
+    "The teacher's logits for this batch, computed by the pre-hook when the student ran"
+    t, self._teacher_run.out = self._teacher_run.out, None
+    if t is None: raise RuntimeError("The teacher did not run: the student's forward pass was not called on this batch")
+    return t
 
 @patch
 def _take_features(self:DistillationCallback)->list:
@@ -250,7 +275,7 @@ def _check(self:DistillationCallback, xb:tuple):
     s_model.eval()
     try:
         with torch.no_grad():
-            self._arm()
+            self._arm(run_teacher=False)
             s = s_model(*xb)
             t = self.teacher(*xb)
             if not isinstance(s, Tensor) or not isinstance(t, Tensor): raise ValueError(f"Student and teacher must return logits tensors, got {_shape(s)} and {_shape(t)}")
@@ -289,7 +314,7 @@ def before_fit(self:DistillationCallback):
         _broadcast_state(self.teacher)
         if dcb is not None: _move(dcb.discriminator, dev, 'discriminator')
         self.teacher.eval()
-        if self.pa_weight > 0: self._register_hooks()
+        self._register_hooks()
         xb = to_device(self.dls.train.one_batch()[:self.dls.train.n_inp], dev)
         self._check(tuple(x[:2] for x in xb))
     except Exception: # leave the Learner as it was: no hooks, no columns (the discriminator's included), teacher mode
@@ -311,7 +336,8 @@ def after_fit(self:DistillationCallback):
 # %% ../nbs/02_distill.ipynb #b1c7e7a1
 @patch
 def before_batch(self:DistillationCallback):
-    if self._on: self._arm()
+    "Arm the hooks for a labelled batch: the teacher then runs on the student's inputs just before the student's forward pass"
+    if self._on and len(self.yb): self._arm()
 
 @patch
 def before_train(self:DistillationCallback): self.avgs.reset('train')
@@ -322,10 +348,6 @@ def after_train(self:DistillationCallback): self.avgs.sync('train')
 @patch
 def after_validate(self:DistillationCallback): self.avgs.sync('valid')
 
-def _plain(t):
-    "`t` as a plain `Tensor` (fastai's tensor subclasses make each op pay for `__torch_function__`)"
-    return t.as_subclass(Tensor) if isinstance(t, Tensor) and type(t) is not Tensor else t
-
 def _maps(s:Tensor, t:Tensor):
     "Softmax maps (float32) of student logits `s`, resized to the size of teacher logits `t`, and of `t`"
     if s.shape[-2:] != t.shape[-2:]: s = F.interpolate(s.float(), size=t.shape[-2:], mode='bilinear', align_corners=False)
@@ -335,16 +357,17 @@ def _maps(s:Tensor, t:Tensor):
 def after_loss(self:DistillationCallback):
     "Add the weighted distillation terms to `learn.loss_grad` (the logged `learn.loss` stays the task loss)"
     if not self._on or not len(self.yb): return
-    s, xb = _plain(self.learn.pred), tuple(_plain(x) for x in self.xb)
-    with torch.no_grad(): t = _plain(self.teacher(*xb))
+    s, xb, t = _plain(self.learn.pred), tuple(_plain(x) for x in self.xb), self._take_teacher()
     feats = [(_plain(fs), _plain(ft)) for fs,ft in self._take_features()] if 'pa' in self._terms else []
-    vals = {}
+    vals, maps = {}, None
     with torch.autocast(s.device.type, enabled=False):
-        if 'pi' in self._terms: vals['pi'] = pixel_wise_loss(s.float(), t.float(), self.T)
+        if 'pi' in self._terms:
+            vals['pi'], *pi_maps = _pixel_wise(s.float(), t.float(), self.T)
+            if self.T == 1: maps = pi_maps # the discriminator's maps: computed once, with one backward pass for both terms
         if feats: vals['pa'] = sum(pair_wise_loss(fs.float(), ft.float(), detach_norm=self.detach_norm) for fs,ft in feats)/len(feats)
     dcb = self._disc_cb()
     if dcb is not None:
-        s_maps, t_maps = _maps(s, t)
+        s_maps, t_maps = _maps(s, t) if maps is None else maps
         img = dcb._img(xb)
         if 'ho' in self._terms:
             dcb.discriminator.train(self.training)

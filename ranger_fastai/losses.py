@@ -34,26 +34,42 @@ def _check_logits(s:Tensor, t:Tensor):
         raise ValueError(f"pixel_wise_loss resizes only (N, C, H, W) maps: got student {_shape(s)}, teacher {_shape(t)}")
 
 class _PixelWise(torch.autograd.Function):
-    "`pixel_wise_loss` of logits of one shape, with its gradient written out"
+    "`pixel_wise_loss` of logits of one shape with its gradient written out; also returns p_S (differentiable) and p_T (detached)"
     @staticmethod
     def forward(ctx, s, t, T):
+        ctx.set_materialize_grads(False) # an output nobody uses gets no zero-filled gradient
         if T != 1: s, t = s/T, t/T
-        log_ps, d = F.log_softmax(s, 1), F.log_softmax(t, 1)
+        ps, d = F.log_softmax(s, 1), F.log_softmax(t, 1)
         pt = d.exp()
-        d.sub_(log_ps) # log p_T - log p_S, in place: each full-size buffer costs time at these sizes
+        d.sub_(ps) # log p_T - log p_S, in place: each full-size buffer costs time at these sizes
+        ps.exp_() # log p_S -> p_S
         n = s.numel() // s.shape[1] # positions
         keep_d = ctx.needs_input_grad[1] # only the teacher's gradient needs d
-        ctx.save_for_backward(log_ps, pt, d if keep_d else None)
-        ctx.c = T / n # d/ds (T² KL(p_T || p_S(s/T))) = T (p_S - p_T), over the positions
-        return ((pt*d) if keep_d else d.mul_(pt)).sum() * (T*T / n)
+        ctx.save_for_backward(ps, pt, d if keep_d else None)
+        ctx.mark_non_differentiable(pt)
+        ctx.T, ctx.c = T, T / n # d/ds (T² KL(p_T || p_S(s/T))) = T (p_S - p_T), over the positions
+        return ((pt*d) if keep_d else d.mul_(pt)).sum() * (T*T / n), ps, pt
 
     @staticmethod
-    def backward(ctx, g):
-        log_ps, pt, d = ctx.saved_tensors
-        c = g.to(pt.dtype) * ctx.c
-        ds = log_ps.exp().sub_(pt).mul_(c) if ctx.needs_input_grad[0] else None
-        dt = pt * (d - (pt*d).sum(1, keepdim=True)) * c if ctx.needs_input_grad[1] else None
+    def backward(ctx, g, g_ps, _):
+        ps, pt, d = ctx.saved_tensors
+        c = None if g is None else g.to(pt.dtype) * ctx.c
+        ds = dt = None
+        if ctx.needs_input_grad[0]:
+            ds = torch.zeros_like(ps) if c is None else (ps - pt).mul_(c)
+            if g_ps is not None: # softmax backward, through p_S = softmax(s/T)
+                h = ps * g_ps
+                ds.add_(h.addcmul_(ps, h.sum(1, keepdim=True), value=-1), alpha=1/ctx.T)
+        if ctx.needs_input_grad[1] and c is not None: dt = pt * (d - (pt*d).sum(1, keepdim=True)) * c
         return ds, dt, None
+
+def _pixel_wise(s:Tensor, t:Tensor, T:float)->tuple:
+    "`pixel_wise_loss` without the checks, with the probability maps it computes: (loss, p_S, p_T), p_S (resized to p_T's size) differentiable"
+    with _no_autocast(s):
+        dt = torch.promote_types(s.dtype, torch.float32)
+        s, t = s.to(dt), t.to(dt)
+        if s.shape[2:] != t.shape[2:]: s = F.interpolate(s, size=t.shape[2:], mode='bilinear', align_corners=False)
+        return _PixelWise.apply(s, t, float(T))
 
 def pixel_wise_loss(student_logits:Tensor, # Student logits, (N, C) or (N, C, H, W)
                     teacher_logits:Tensor, # Teacher logits of the same shape (maps may differ in H, W)
@@ -62,11 +78,7 @@ def pixel_wise_loss(student_logits:Tensor, # Student logits, (N, C) or (N, C, H,
     "Mean over positions of KL(softmax(teacher/T) || softmax(student/T)), times T²"
     _check_logits(student_logits, teacher_logits)
     if not T > 0: raise ValueError(f"pixel_wise_loss needs a temperature T > 0, got T={T!r}")
-    with _no_autocast(student_logits):
-        dt = torch.promote_types(student_logits.dtype, torch.float32)
-        s, t = student_logits.to(dt), teacher_logits.to(dt)
-        if s.shape[2:] != t.shape[2:]: s = F.interpolate(s, size=t.shape[2:], mode='bilinear', align_corners=False)
-        return _PixelWise.apply(s, t, float(T))
+    return _pixel_wise(student_logits, teacher_logits, T)[0]
 
 # %% ../nbs/01_losses.ipynb #6bc45456
 def _unit_nodes(f:Tensor, dt:torch.dtype, eps:float)->tuple:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from ranger_fastai.losses import pixel_wise_loss, pair_wise_loss, Discriminator, wgan_gp_loss, hinge_loss, generator_loss
-from ranger_fastai.losses import _use_dense
+from ranger_fastai.losses import _use_dense, _pixel_wise
 
 def _rel(a, b): return ((a - b).norm() / b.norm()).item()
 
@@ -36,6 +36,27 @@ def test_pixel_wise_teacher_gradient():
     t64, t32 = t.double().requires_grad_(), t.clone().requires_grad_()
     _kl_ref(s, t64, 2.).backward(); pixel_wise_loss(s, t32, T=2.).backward()
     assert _rel(t32.grad.double(), t64.grad) <= 1e-4
+
+@pytest.mark.parametrize('T,resize', [(1., False), (2., False), (1., True)])
+def test_pixel_wise_shared_maps(T, resize):
+    """The maps `_pixel_wise` also returns (the callback feeds them to the discriminator): p_S = softmax(s/T) resized, differentiable, and p_T detached;
+    one backward pass through the loss and a function of p_S gives the float64 autograd gradient of both"""
+    g = torch.Generator().manual_seed(4)
+    s, t, w = torch.randn(2, 5, 4, 6, generator=g), torch.randn(2, 5, 8, 12 if resize else 6, generator=g), torch.randn(2, 5, 8, 12 if resize else 6, generator=g)
+    if not resize: t, w = t[:, :, :4], w[:, :, :4]
+    s64 = s.double().requires_grad_()
+    up = F.interpolate(s64, size=t.shape[2:], mode='bilinear', align_corners=False) if resize else s64
+    ps64 = F.softmax(up/T, 1)
+    (_kl_ref(up, t, T) + (w*ps64).sum()).backward()
+    x = s.clone().requires_grad_()
+    loss, ps, pt = _pixel_wise(x, t, T)
+    assert torch.allclose(ps.double(), ps64.detach(), atol=1e-6) and torch.allclose(pt.double(), F.softmax(t.double()/T, 1), atol=1e-6)
+    assert ps.requires_grad and not pt.requires_grad
+    (loss + (w*ps).sum()).backward()
+    assert _rel(x.grad.double(), s64.grad) <= 1e-5
+    x.grad = None; _pixel_wise(x, t, T)[1].mul(w).sum().backward() # the maps alone
+    s64.grad = None; (w*F.softmax(up/T, 1)).sum().backward()
+    assert _rel(x.grad.double(), s64.grad) <= 1e-5
 
 def test_pixel_wise_hinton_logits():
     "(N, C) logits: Hinton's loss; its gradient is T (p_S - p_T) / N"
