@@ -84,8 +84,8 @@ def pixel_wise_loss(student_logits:Tensor, # Student logits, (N, C) or (N, C, H,
 def _unit_nodes(f:Tensor, dt:torch.dtype, eps:float)->tuple:
     "Features `f` (N, C, *spatial) as (N, C, n) in `dt` with node vectors of unit length (zero when the norm <= `eps`), and the factors 1/norm (0 there)"
     f = f.to(dt).flatten(2)
-    sq = (f*f).sum(1, keepdim=True)
-    inv = (sq > eps*eps) / sq.clamp_min(eps*eps).sqrt()
+    sq = (f*f).sum(1, keepdim=True) # 15x faster here than `linalg.vector_norm` over dim 1
+    inv = sq.rsqrt().masked_fill_(sq <= eps*eps, 0)
     return f*inv, inv
 
 def _sq_norm64(g:Tensor)->Tensor:
@@ -97,8 +97,9 @@ def _use_dense(n:int, cs:int, ct:int)->bool:
     return n*(cs + ct) <= cs*cs + ct*ct + cs*ct
 
 def _unit_grad(u:Tensor, du:Tensor, inv:Tensor, detach_norm:bool)->Tensor:
-    "Gradient for the features, given the gradient `du` for their unit vectors `u = f * inv`"
-    return (du if detach_norm else du - u*(u*du).sum(1, keepdim=True)) * inv
+    "Gradient for the features, given the gradient `du` for their unit vectors `u = f * inv` (overwrites `du`)"
+    if not detach_norm: du.addcmul_(u, (u*du).sum(1, keepdim=True), value=-1)
+    return du.mul_(inv)
 
 class _PairWise(torch.autograd.Function):
     "The pair-wise loss with its gradient written out: one matrix product per input in the backward pass"
@@ -110,7 +111,7 @@ class _PairWise(torch.autograd.Function):
         ctx.dense, ctx.detach_norm, ctx.shapes, ctx.c = _use_dense(n, cs, ct), detach_norm, (fs.shape, ft.shape), 4/(N*n*n)
         if ctx.dense: # a^S - a^T, summed in float32: no cancellation here
             A = torch.baddbmm(T.mT @ T, S.mT, S, beta=-1)
-            mats, res = (A,), A.square().sum()
+            mats, res = (A,), torch.dot(A.view(-1), A.view(-1))
         else: # the Gram identity, summed in float64
             mats = (S @ S.mT, S @ T.mT, T @ T.mT)
             res = (_sq_norm64(mats[0]) + _sq_norm64(mats[2]) - 2*_sq_norm64(mats[1])).clamp_min(0) # cancellation can dip below 0
@@ -122,17 +123,18 @@ class _PairWise(torch.autograd.Function):
     def backward(ctx, g):
         S, T, inv_s, inv_t, *mats = ctx.saved_tensors
         c, (need_s, need_t) = g.to(S.dtype) * ctx.c, ctx.needs_input_grad[:2]
-        with _no_autocast(S):
+        with _no_autocast(S): # the factors c (and the sign) go with 1/norm: (N, 1, n) instead of the whole gradient
             if ctx.dense: # d/dS = 4/(N n²) S (a^S - a^T), d/dT = -4/(N n²) T (a^S - a^T)
                 A, = mats
-                dS = S @ A if need_s else None
-                dT = -(T @ A) if need_t else None
+                dS, cs = (S @ A if need_s else None), c
+                dT, ct = (T @ A if need_t else None), -c
             else: # d/dS = 4/(N n²) (S Sᵀ S - S Tᵀ T), d/dT = 4/(N n²) (T Tᵀ T - T Sᵀ S)
                 Gss, Gst, Gtt = mats
                 dS = torch.baddbmm(Gss @ S, Gst, T, alpha=-1) if need_s else None
                 dT = torch.baddbmm(Gtt @ T, Gst.mT, S, alpha=-1) if need_t else None
-            grads = [None if d is None else _unit_grad(u, d*c, inv, ctx.detach_norm).to(dtype).reshape(shape)
-                     for d, u, inv, dtype, shape in zip((dS, dT), (S, T), (inv_s, inv_t), ctx.dtypes, ctx.shapes)]
+                cs = ct = c
+            grads = [None if d is None else _unit_grad(u, d, inv*k, ctx.detach_norm).to(dtype).reshape(shape)
+                     for d, u, inv, k, dtype, shape in zip((dS, dT), (S, T), (inv_s, inv_t), (cs, ct), ctx.dtypes, ctx.shapes)]
         return *grads, None, None, None
 
 def _check_feats(s:Tensor, t:Tensor):
