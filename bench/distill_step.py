@@ -16,7 +16,8 @@ as a share of the student alone, paired by round (each round's median minus the 
 the table gives the median over rounds and their range). Configurations and thread counts are interleaved over
 rounds; all numbers are medians in ms. The pixel-wise and pair-wise loss functions are also timed on their own (forward + backward).
 
-Usage: python bench/distill_step.py [--rounds 7] [--batches 8] [--threads 1,2] [--device cpu]
+Usage: python bench/distill_step.py [--rounds 7] [--batches 8] [--threads 1,2] [--device cpu] [--student-width 8] [--teacher-width 16]
+(other widths show how the shares change with the size of the networks)
 """
 import argparse, statistics, time
 import torch
@@ -88,11 +89,11 @@ def _timed(f, dev, n):
 
 PARTS = ('teacher', 'd_step', 'gen', 'gen_bwd')
 
-def main(rounds=7, batches=8, threads='1,2', device='cpu'):
+def main(rounds=7, batches=8, threads='1,2', device='cpu', student_width=STUDENT_W, teacher_width=TEACHER_W):
     dev, threads = torch.device(device), [int(t) for t in str(threads).split(',')]
     dls = random_dls(BS*(batches+1), SIZE, BS, N_CLASSES, device=dev)
     torch.manual_seed(0)
-    teacher, student = SegNet(N_CLASSES, TEACHER_W).to(dev), SegNet(N_CLASSES, STUDENT_W).to(dev)
+    teacher, student = SegNet(N_CLASSES, teacher_width).to(dev), SegNet(N_CLASSES, student_width).to(dev)
     D = Discriminator(N_CLASSES, nf=16, n_layers=3, attn_layers=(2,)).to(dev)
     learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(axis=1))
     dcb, clock = DiscriminatorCallback(D), _Clock(dev)
@@ -126,7 +127,7 @@ def main(rounds=7, batches=8, threads='1,2', device='cpu'):
                 rows[th, k].append(timer.rows[1:])  # one list per round; the first batch of a fit pays for dataloader start-up
             for k, f in losses.items(): loss_times[th, k] += _timed(f, dev, batches)
     med = lambda xs: 1e3*statistics.median(xs)
-    print(f"device {dev}, batch {BS} x 3 x {SIZE} x {SIZE}, teacher width {TEACHER_W}, student width {STUDENT_W}, "
+    print(f"device {dev}, batch {BS} x 3 x {SIZE} x {SIZE}, teacher width {teacher_width}, student width {student_width}, "
           f"{rounds} rounds x {batches} batches, medians in ms")
     rest = lambda rs: [r['batch'] - sum(r.get(p, 0.) for p in PARTS) for r in rs]
     for th in threads:
@@ -150,4 +151,5 @@ if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--rounds', type=int, default=7); p.add_argument('--batches', type=int, default=8)
     p.add_argument('--threads', default='1,2'); p.add_argument('--device', default='cpu')
+    p.add_argument('--student-width', type=int, default=STUDENT_W); p.add_argument('--teacher-width', type=int, default=TEACHER_W)
     main(**vars(p.parse_args()))

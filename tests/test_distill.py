@@ -69,7 +69,30 @@ def test_three_terms_fit_one_cycle(tmp_path):
     loss, loss_grad, pred, xb = probe.rows[-1]
     assert loss_grad > loss
     # hooks are gone after fit
-    assert all(len(m._forward_hooks) == 0 for m in list(learn.model.modules()) + list(teacher.modules()))
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in list(learn.model.modules()) + list(teacher.modules()))
+
+class _ShiftInputs(Callback):
+    "Changes the batch in `before_batch` after `DistillationCallback` (order 5) has run, as MixUp-like callbacks do"
+    order = 50
+    def __init__(self): self.sent = []
+    def before_batch(self):
+        self.learn.xb = (self.xb[0] + 1,)
+        self.sent.append(self.xb[0])
+
+def test_teacher_sees_the_students_inputs_just_before_it(tmp_path):
+    teacher = _net(16, seed=1)
+    learn, seen = _learner(tmp_path), []
+    teacher.register_forward_pre_hook(lambda m, args: seen.append(('teacher', args[0])))
+    learn.model.register_forward_pre_hook(lambda m, args: seen.append(('student', args[0])))  # registered first: runs before the teacher's run
+    learn.model.register_forward_hook(lambda m, args, out: seen.append(('student done', args[0])))
+    shift = _ShiftInputs()
+    learn.fit(1, 1e-2, cbs=[DistillationCallback(teacher, pairs=[('3', '3')], ho_weight=0), shift])
+    calls = seen[3:]  # after before_fit's check (student, then teacher, on two samples)
+    assert len(calls) == 3 * len(shift.sent) == 3 * (len(learn.dls.train) + len(learn.dls.valid))
+    for i, sent in enumerate(shift.sent):
+        names, inputs = zip(*calls[3*i:3*i+3])
+        assert names == ('student', 'teacher', 'student done') and all(x is sent for x in inputs) # the teacher runs on the student's inputs, before it
+    assert len(learn.model._forward_pre_hooks) == 1  # ours is removed after fit
 
 def test_teacher_learner_fit_flat_cos_and_lr_find(tmp_path):
     tlearn = Learner(_seg_dls(), _net(16, seed=1), loss_func=CrossEntropyLossFlat(axis=1))
