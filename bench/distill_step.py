@@ -15,11 +15,16 @@ with the gradient penalty, backward, optimizer step) and the generator term's di
 as a share of the student alone, paired by round (each round's median minus the student's median of the same round;
 the table gives the median over rounds and their range). Configurations and thread counts are interleaved over
 rounds; all numbers are medians in ms. The pixel-wise and pair-wise loss functions are also timed on their own (forward + backward).
+The last column counts the process's minor page faults per batch: memory the C library handed back to the system and
+the batch had to fault in (and the kernel to zero) again. `--keep-memory` calls `keep_freed_memory()` first, as the
+`ranger-fastai` command does; run the script with and without it to see what the allocator costs.
 
-Usage: python bench/distill_step.py [--rounds 7] [--batches 8] [--threads 1,2] [--device cpu] [--student-width 8] [--teacher-width 16]
+Usage: python bench/distill_step.py [--rounds 7] [--batches 8] [--threads 1,2] [--device cpu] [--student-width 8] [--teacher-width 16] [--keep-memory]
 (other widths show how the shares change with the size of the networks)
 """
 import argparse, statistics, time
+try: import resource
+except ImportError: resource = None # Windows: no page-fault counts
 import torch
 from fastai.learner import Learner
 from fastai.callback.core import Callback
@@ -29,6 +34,7 @@ from fastai.callback.progress import *  # Learner.no_bar
 from ranger_fastai.losses import Discriminator, pixel_wise_loss, pair_wise_loss
 from ranger_fastai.distill import DistillationCallback, DiscriminatorCallback
 from ranger_fastai.experiments import SegNet, PRESETS
+from ranger_fastai.cli import keep_freed_memory
 
 SETTINGS = PRESETS['distill']['distill']
 TEACHER_W, STUDENT_W, N_CLASSES, SIZE, BS = SETTINGS['teacher_width'], SETTINGS['student_width'], 11, PRESETS['distill']['scenes']['size'], PRESETS['distill']['distill_bs']
@@ -45,15 +51,17 @@ class _Clock:
         if k not in self.t0: return
         _sync(self.dev); self.parts[k] = self.parts.get(k, 0.) + time.perf_counter() - self.t0.pop(k)
 
+def _faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
 class _BatchTimer(Callback):
-    "Per training batch: wall time from `before_batch` to `after_batch`, and the parts `clock` timed within it"
+    "Per training batch: wall time from `before_batch` to `after_batch`, the parts `clock` timed within it, and the minor page faults"
     order = -20
     def __init__(self, clock): self.clock, self.rows = clock, []
     def before_batch(self):
-        if self.training: self.clock.parts = {}; self.clock.start('batch')
+        if self.training: self.clock.parts = {}; self.f0 = _faults(); self.clock.start('batch')
     def after_batch(self):
         if not self.training: return
-        self.clock.stop('batch'); self.rows.append(dict(self.clock.parts))
+        self.clock.stop('batch'); self.rows.append(dict(self.clock.parts, faults=_faults() - self.f0))
 
 def instrument(teacher, D, dcb, clock):
     "Time the teacher's forward, `dcb.d_step`, and the generator term's D forward and D backward (to the maps)"
@@ -89,7 +97,8 @@ def _timed(f, dev, n):
 
 PARTS = ('teacher', 'd_step', 'gen', 'gen_bwd')
 
-def main(rounds=7, batches=8, threads='1,2', device='cpu', student_width=STUDENT_W, teacher_width=TEACHER_W):
+def main(rounds=7, batches=8, threads='1,2', device='cpu', student_width=STUDENT_W, teacher_width=TEACHER_W, keep_memory=False):
+    kept = keep_memory and keep_freed_memory()
     dev, threads = torch.device(device), [int(t) for t in str(threads).split(',')]
     dls = random_dls(BS*(batches+1), SIZE, BS, N_CLASSES, device=dev)
     torch.manual_seed(0)
@@ -128,14 +137,14 @@ def main(rounds=7, batches=8, threads='1,2', device='cpu', student_width=STUDENT
             for k, f in losses.items(): loss_times[th, k] += _timed(f, dev, batches)
     med = lambda xs: 1e3*statistics.median(xs)
     print(f"device {dev}, batch {BS} x 3 x {SIZE} x {SIZE}, teacher width {teacher_width}, student width {student_width}, "
-          f"{rounds} rounds x {batches} batches, medians in ms")
+          f"{rounds} rounds x {batches} batches, medians in ms; freed memory {'kept (keep_freed_memory)' if kept else 'handed back (the C library default)'}")
     rest = lambda rs: [r['batch'] - sum(r.get(p, 0.) for p in PARTS) for r in rs]
     for th in threads:
         alone = rows[th, 'student alone']
         base = med([r['batch'] for rs in alone for r in rs])
         print(f"\n{th} thread{'s' if th > 1 else ''}\n")
-        print("| configuration | ms / batch | teacher forward | D own step | generator term: D fwd | D bwd | everything else (rounds' range) | % of student step |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| configuration | ms / batch | teacher forward | D own step | generator term: D fwd | D bwd | everything else (rounds' range) | % of student step | page faults / batch |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for k in configs:
             rs = [r for rr in rows[th, k] for r in rr]
             parts = [med([r.get(p, 0.) for r in rs]) for p in PARTS]
@@ -143,7 +152,7 @@ def main(rounds=7, batches=8, threads='1,2', device='cpu', student_width=STUDENT
             # paired by round (the machine's load drifts): median of this round's rest minus the student's median of the same round
             diffs = sorted(med(rest(v)) - med([r['batch'] for r in a]) for v, a in zip(rows[th, k], alone))
             extra = '- | -' if k == 'student alone' else f'{statistics.median(diffs):.2f} ({diffs[0]:.2f} to {diffs[-1]:.2f}) | {100*statistics.median(diffs)/base:.0f}%'
-            print(f"| {k} | {med([r['batch'] for r in rs]):.2f} | {cells} | {extra} |")
+            print(f"| {k} | {med([r['batch'] for r in rs]):.2f} | {cells} | {extra} | {statistics.median(r['faults'] for r in rs):.0f} |")
         for k in losses: print(f"\n{k}: {med(loss_times[th, k]):.2f} ms", end='')
         print()
 
@@ -152,4 +161,5 @@ if __name__ == '__main__':
     p.add_argument('--rounds', type=int, default=7); p.add_argument('--batches', type=int, default=8)
     p.add_argument('--threads', default='1,2'); p.add_argument('--device', default='cpu')
     p.add_argument('--student-width', type=int, default=STUDENT_W); p.add_argument('--teacher-width', type=int, default=TEACHER_W)
+    p.add_argument('--keep-memory', action='store_true', help='call `keep_freed_memory()` first (glibc), as the ranger-fastai command does')
     main(**vars(p.parse_args()))

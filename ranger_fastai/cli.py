@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_cli.ipynb #44883e8a
 from __future__ import annotations
-import argparse, shlex, sys, warnings
+import argparse, ctypes, shlex, sys, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated') # torch's notice about fastai internals, not the user's business
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -13,7 +13,7 @@ from fastai.torch_core import num_distrib, rank_distrib
 from .experiments import OPTIMIZERS, VARIANTS, PRESETS, leaderboard_data, distill_data, run_experiments
 
 # %% auto #0
-__all__ = ['main']
+__all__ = ['keep_freed_memory', 'main']
 
 # %% ../nbs/05_cli.ipynb #4866cdbd
 def _positive(kind):
@@ -110,6 +110,16 @@ def _processes(device:torch.device):
     from fastai.distributed import DistributedTrainer
     with process_group(device) as dev: yield dev, [DistributedTrainer(sync_bn=dev.type == 'cuda', cpu=dev.type == 'cpu')]
 
+# %% ../nbs/05_cli.ipynb #7c2e4b91
+def keep_freed_memory(keep:int=1<<30, # Bytes of freed memory the process may keep for reuse (below 2**31)
+                     )->bool:
+    "On glibc, keep freed memory for reuse instead of handing it back to the system at every batch; `False` where unsupported"
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep < 2**31: raise ValueError(f"Invalid keep={keep!r}: expected an int in [0, 2**31)")
+    try: mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError): return False # no C library to load, or no mallopt in it
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    return all(mallopt(k, v) == 1 for k,v in ((M_TRIM_THRESHOLD, keep), (M_TOP_PAD, min(keep, 64 << 20)), (M_MMAP_THRESHOLD, 32 << 20)))
+
 # %% ../nbs/05_cli.ipynb #534e2c56
 def main(argv:list|None=None, # Arguments (default: the command line)
         ):
@@ -119,6 +129,7 @@ def main(argv:list|None=None, # Arguments (default: the command line)
     argv = sys.argv[1:] if argv is None else argv
     fail = lambda e: p.exit(2, f"ranger-fastai {a.command}: error: {e}\n")
     torch.set_num_threads(a.threads)
+    keep_freed_memory()
     with ExitStack() as stack: # leaves the process group (if any) on every way out
         try:
             device, cbs = stack.enter_context(_processes(_device(a.device)))
