@@ -186,4 +186,4 @@ def test_keep_freed_memory_stops_the_page_faults():
     faults = {mode: [int(x) for x in subprocess.run([sys.executable, '-c', _CYCLES, mode], capture_output=True, text=True, check=True).stdout.split()]
               for mode in ('default', 'keep')}
     assert sum(faults['default'][-6:]) > 8000, faults  # seen: 18368 to 85824 over these six cycles, depending on the heap's history
-    assert faults['keep'][-6:] == [0]*6, faults
+    assert sum(faults['keep'][-6:]) < 100, faults  # seen: 0 (and once a single stray fault)
