@@ -301,8 +301,8 @@ def _check(self:DistillationCallback, xb:tuple):
 @patch
 def before_fit(self:DistillationCallback):
     "Move and freeze the teacher, hook the pairs, check shapes on a training batch, add the metric columns"
+    if not _fitting(self.learn): return # `get_preds`/`validate`, also when called during a fit: leave that fit's state alone
     self._remove_hooks(); _remove_columns(self)
-    if not _fitting(self.learn): return
     if self.teacher is None: raise ValueError("This DistillationCallback has no teacher (exported learners do not keep it): set `cb.teacher` or remove the callback")
     dcb = self._disc_cb()
     self._teacher_was_training = self.teacher.training
@@ -328,7 +328,7 @@ def before_fit(self:DistillationCallback):
 @patch
 def after_fit(self:DistillationCallback):
     "Remove hooks and columns, forget the last batch, put the teacher back in its mode"
-    if not self._on: return
+    if not self._on or not _fitting(self.learn): return
     self._remove_hooks(); _remove_columns(self)
     self.maps, self._on = None, False
     self.teacher.train(self._teacher_was_training)
@@ -337,16 +337,23 @@ def after_fit(self:DistillationCallback):
 @patch
 def before_batch(self:DistillationCallback):
     "Arm the hooks for a labelled batch: the teacher then runs on the student's inputs just before the student's forward pass"
-    if self._on and len(self.yb): self._arm()
+    if self._active() and len(self.yb): self._arm()
+
+@patch
+def _active(self:DistillationCallback)->bool:
+    "Whether the callback works on this batch: in a fit, and not in a `get_preds`/`validate` called during it"
+    return self._on and _fitting(self.learn)
 
 @patch
 def before_train(self:DistillationCallback): self.avgs.reset('train')
 @patch
-def before_validate(self:DistillationCallback): self.avgs.reset('valid')
+def before_validate(self:DistillationCallback):
+    if self._active(): self.avgs.reset('valid')
 @patch
 def after_train(self:DistillationCallback): self.avgs.sync('train')
 @patch
-def after_validate(self:DistillationCallback): self.avgs.sync('valid')
+def after_validate(self:DistillationCallback):
+    if self._active(): self.avgs.sync('valid')
 
 def _maps(s:Tensor, t:Tensor):
     "Softmax maps (float32) of student logits `s`, resized to the size of teacher logits `t`, and of `t`"
@@ -356,7 +363,7 @@ def _maps(s:Tensor, t:Tensor):
 @patch
 def after_loss(self:DistillationCallback):
     "Add the weighted distillation terms to `learn.loss_grad` (the logged `learn.loss` stays the task loss)"
-    if not self._on or not len(self.yb): return
+    if not self._active() or not len(self.yb): return
     s, xb, t = _plain(self.learn.pred), tuple(_plain(x) for x in self.xb), self._take_teacher()
     feats = [(_plain(fs), _plain(ft)) for fs,ft in self._take_features()] if 'pa' in self._terms else []
     vals, maps = {}, None
@@ -430,8 +437,8 @@ class DiscriminatorCallback(Callback):
 @patch
 def before_fit(self:DiscriminatorCallback):
     "Check there is a `DistillationCallback` (it keeps the maps), create the optimizer, add the `d_loss` column"
+    if not _fitting(self.learn): return # as `DistillationCallback.before_fit`
     _remove_columns(self)
-    if not _fitting(self.learn): return
     if self.discriminator is None: raise ValueError("This DiscriminatorCallback has no discriminator (exported learners do not keep it): set `cb.discriminator` or remove the callback")
     if not any(isinstance(c, DistillationCallback) for c in self.learn.cbs): raise ValueError("DiscriminatorCallback needs a DistillationCallback on the Learner: it provides the teacher and student maps")
     _move(self.discriminator, _model_device(self.learn.model), 'discriminator')
@@ -440,7 +447,8 @@ def before_fit(self:DiscriminatorCallback):
     _add_columns(self, ['d_loss'], phases=('train',))
 
 @patch
-def after_fit(self:DiscriminatorCallback): _remove_columns(self); self._proxies = []
+def after_fit(self:DiscriminatorCallback):
+    if _fitting(self.learn): _remove_columns(self); self._proxies = []
 
 @patch
 def before_train(self:DiscriminatorCallback): self.avgs.reset('train')

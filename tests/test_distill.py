@@ -150,6 +150,28 @@ def test_get_preds_never_runs_the_teacher(tmp_path):
     assert preds.shape == (10, 3, 16, 16) and len(calls) == n
     assert 'valid_pi_loss' not in learn.recorder.metric_names  # validate/get_preds add no columns
 
+class _PredsMidFit(Callback):
+    "Calls `get_preds` once after the first epoch (its own `before_fit`/`after_fit` run inside the fit), counting the teacher's calls in it"
+    def __init__(self, calls): self.calls, self.during = calls, None
+    def after_epoch(self):
+        if self.epoch == 0 and self.during is None:
+            n = len(self.calls); self.during = 0  # set first: fastai's validation context calls after_epoch again
+            self.learn.get_preds()
+            self.during = len(self.calls) - n
+
+def test_get_preds_during_a_fit_leaves_the_distillation_running(tmp_path):
+    teacher, D = _net(16, seed=1), _disc()
+    calls, learn = _count_forwards(teacher), _learner(tmp_path)
+    peek = _PredsMidFit(calls)
+    dist, dcb = DistillationCallback(teacher, pairs=[('3', '3')]), DiscriminatorCallback(D)
+    learn.fit(1, 1e-2, cbs=[dist, dcb])  # the reference: one epoch
+    per_epoch = len(calls) - 1  # before_fit's check runs it once
+    learn.fit(2, 1e-2, cbs=[dist, dcb, peek])
+    assert peek.during == 0  # the teacher does not run inside get_preds
+    assert len(calls) - (per_epoch + 1) == 1 + 2 * per_epoch  # and runs on every batch of both epochs
+    names = learn.recorder.metric_names
+    assert 'train_pi_loss' in names and 'train_d_loss' in names and dist._on is False and learn.metrics == []
+
 def test_show_results_on_digit_scenes(tmp_path):
     import matplotlib; matplotlib.use('Agg')
     from ranger_fastai.data import digit_scenes_dls
