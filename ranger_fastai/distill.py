@@ -94,7 +94,14 @@ def _plain(t):
 
 class _TeacherRun:
     "Forward pre-hook on the student: once per arming, runs `teacher` (no grad) on the student's inputs just before the student (an unarmed call drops the result); pickles empty"
-    def __init__(self, teacher=None): self.teacher, self.armed, self.out = teacher, False, None
+    def __init__(self, teacher=None): self.teacher, self.armed, self.out, self.model, self.handle = teacher, False, None, None, None
+    def attach(self, model:nn.Module):
+        "Hook `model`, and only it: the outermost module, which a DDP or DataParallel wrapper makes run once per batch"
+        self.detach()
+        self.model, self.handle = model, model.register_forward_pre_hook(self)
+    def detach(self):
+        if self.handle is not None: self.handle.remove()
+        self.model = self.handle = None
     def __call__(self, m, args):
         armed, self.armed, self.out = self.armed, False, None
         if armed:
@@ -227,6 +234,7 @@ def _disc_cb(self:DistillationCallback):
 def _remove_hooks(self:DistillationCallback):
     "Remove the forward hooks (and forget what they held)"
     for h in getattr(self, '_hooks', []): h.remove()
+    if getattr(self, '_teacher_run', None) is not None: self._teacher_run.detach()
     self._hooks, self._grabs, self._teacher_run = [], [], None
 
 @patch
@@ -234,7 +242,7 @@ def _register_hooks(self:DistillationCallback):
     "Hook the student to run the teacher first, and the layers of each pair; `ValueError` (with close names) for a layer that is not found"
     layers = [(find_layer(_unwrap(self.learn.model), s, 'student'), find_layer(self.teacher, t, 'teacher')) for s,t in self.pairs] if self.pa_weight > 0 else []
     self._teacher_run = _TeacherRun(self.teacher)
-    self._hooks.append(self.learn.model.register_forward_pre_hook(self._teacher_run))
+    self._teacher_run.attach(self.learn.model)
     for pair in layers:
         grabs = (_Grab(), _Grab())
         self._hooks += [m.register_forward_hook(g) for m,g in zip(pair, grabs)]
@@ -243,6 +251,7 @@ def _register_hooks(self:DistillationCallback):
 @patch
 def _arm(self:DistillationCallback, run_teacher:bool=True):
     "Arm the hooks for one forward pass of the student and the teacher (the student's pre-hook runs the teacher if `run_teacher`)"
+    if run_teacher and self._teacher_run.model is not self.learn.model: self._teacher_run.attach(self.learn.model) # wrapped since `before_fit`
     self._teacher_run.armed, self._teacher_run.out = run_teacher, None
     for gs in self._grabs:
         for g in gs: g.armed, g.out = True, None

@@ -132,6 +132,23 @@ def test_train_metrics_columns(tmp_path):
     vals = dict(zip(names[1:], learn.recorder.values[-1]))
     assert vals['train_pi_loss'] != vals['valid_pi_loss']
 
+class _WhereIsTheTeacherHook(Callback):
+    order = 50
+    def __init__(self, dist): self.dist, self.seen = dist, []
+    def before_batch(self): self.seen.append((type(self.learn.model).__name__, self.dist._teacher_run.model is self.learn.model))
+
+def test_teacher_hook_follows_a_wrapped_student(tmp_path):
+    "fastai's ParallelTrainer (order 11) wraps the student in DataParallel after our before_fit: the teacher's pre-hook moves to the wrapper"
+    from fastai.distributed import ParallelTrainer
+    teacher = _net(16, seed=1)
+    calls, learn = _count_forwards(teacher), _learner(tmp_path)
+    dist = DistillationCallback(teacher, ho_weight=0)
+    where = _WhereIsTheTeacherHook(dist)
+    learn.fit(1, 1e-2, cbs=[dist, ParallelTrainer(device_ids=None), where])
+    assert set(where.seen) == {('DataParallel', True)}
+    assert len(calls) == 1 + len(learn.dls.train) + len(learn.dls.valid)  # once per batch (and once for the check)
+    assert not isinstance(learn.model, nn.DataParallel) and all(len(m._forward_pre_hooks) == 0 for m in learn.model.modules())
+
 # %% unlabelled data, get_preds, show_results
 
 def test_get_preds_never_runs_the_teacher(tmp_path):
