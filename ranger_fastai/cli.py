@@ -118,7 +118,8 @@ def keep_freed_memory(keep:int=1<<30, # Bytes of freed memory the process may ke
     try: mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError, TypeError): return False # no C library to load, or no mallopt in it
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    return all(mallopt(k, v) == 1 for k,v in ((M_TRIM_THRESHOLD, keep), (M_TOP_PAD, min(keep, 64 << 20)), (M_MMAP_THRESHOLD, 32 << 20)))
+    ok = [mallopt(k, v) == 1 for k,v in ((M_TRIM_THRESHOLD, keep), (M_TOP_PAD, min(keep, 64 << 20)), (M_MMAP_THRESHOLD, 32 << 20))] # all three, even if one fails
+    return all(ok)
 
 # %% ../nbs/05_cli.ipynb #534e2c56
 def main(argv:list|None=None, # Arguments (default: the command line)
@@ -126,10 +127,10 @@ def main(argv:list|None=None, # Arguments (default: the command line)
     "The `ranger-fastai` command (one process, or one per device under `torchrun`/`accelerate launch`)"
     p = _parser()
     a = p.parse_args(argv)
+    if argv is None: keep_freed_memory() # run as the command: this process is ours (not when called from your Python code)
     argv = sys.argv[1:] if argv is None else argv
     fail = lambda e: p.exit(2, f"ranger-fastai {a.command}: error: {e}\n")
     torch.set_num_threads(a.threads)
-    keep_freed_memory()
     with ExitStack() as stack: # leaves the process group (if any) on every way out
         try:
             device, cbs = stack.enter_context(_processes(_device(a.device)))

@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_distill.ipynb #bb55487f
 from __future__ import annotations
-import difflib, math, warnings
+import difflib, math, sys, warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch
@@ -49,6 +49,7 @@ class _TermColumn(Metric):
     def name(self): return self._name
     @property
     def value(self):
+        if not _fitting(self.cb.learn): return None # a `get_preds`/`validate` during the fit: not computed by it
         phase = self.phase or ('train' if self.cb.learn.training else 'valid')
         return self.cb.avgs.value(phase, self.key)
 
@@ -82,9 +83,10 @@ def find_layer(model:nn.Module, # The model to search
     raise ValueError(f"Layer {layer!r} not found in the {what}{hint}")
 
 class _Grab:
-    "Forward hook keeping its module's output once per arming (an unarmed call drops it); pickles empty"
+    "Forward hook keeping its module's output once per arming (unarmed calls leave it alone); pickles empty"
     def __init__(self): self.armed, self.out = False, None
-    def __call__(self, m, i, o): self.out, self.armed = (o if self.armed else None), False
+    def __call__(self, m, i, o):
+        if self.armed: self.out, self.armed = o, False
     def __getstate__(self): return {}
     def __setstate__(self, d): self.__init__()
 
@@ -93,7 +95,7 @@ def _plain(t):
     return t.as_subclass(Tensor) if isinstance(t, Tensor) and type(t) is not Tensor else t
 
 class _TeacherRun:
-    "Forward pre-hook on the student: once per arming, runs `teacher` (no grad) on the student's inputs just before the student (an unarmed call drops the result); pickles empty"
+    "Forward pre-hook on the student: once per arming, runs `teacher` (no grad) on the student's inputs just before the student; pickles empty"
     def __init__(self, teacher=None): self.teacher, self.armed, self.out, self.model, self.handle = teacher, False, None, None, None
     def attach(self, model:nn.Module):
         "Hook `model`, and only it: the outermost module, which a DDP or DataParallel wrapper makes run once per batch"
@@ -102,10 +104,10 @@ class _TeacherRun:
     def detach(self):
         if self.handle is not None: self.handle.remove()
         self.model = self.handle = None
-    def __call__(self, m, args):
-        armed, self.armed, self.out = self.armed, False, None
-        if armed:
-            with torch.no_grad(): self.out = _plain(self.teacher(*map(_plain, args)))
+    def __call__(self, m, args): # unarmed calls (a second forward pass in the batch, an unhooked leftover) leave `out` alone
+        if not self.armed: return
+        self.armed = False
+        with torch.no_grad(): self.out = _plain(self.teacher(*map(_plain, args)))
     def __getstate__(self): return {}
     def __setstate__(self, d): self.__init__()
 
@@ -130,6 +132,14 @@ def _fitting(learn)->bool:
     "Whether `learn` is in a fit (fastai also runs `before_fit`/`after_fit` around `get_preds`, `validate`, `predict`, holding `learn.lock`)"
     lock = getattr(learn, 'lock', None)
     return not (lock is not None and lock.locked())
+
+def _fit_running(learn)->bool:
+    "Whether a `fit` of `learn` is on the call stack: a `get_preds`/`validate` called during it, not after one interrupted by an uncaught exception"
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is Learner._do_fit.__code__ and f.f_locals.get('self') is learn: return True
+        f = f.f_back
+    return False
 
 @contextmanager
 def _frozen(model:nn.Module):
@@ -251,7 +261,11 @@ def _register_hooks(self:DistillationCallback):
 @patch
 def _arm(self:DistillationCallback, run_teacher:bool=True):
     "Arm the hooks for one forward pass of the student and the teacher (the student's pre-hook runs the teacher if `run_teacher`)"
-    if run_teacher and self._teacher_run.model is not self.learn.model: self._teacher_run.attach(self.learn.model) # wrapped since `before_fit`
+    m = self.learn.model
+    if run_teacher and self._grabs and isinstance(m, nn.DataParallel) and len(m.device_ids) > 1:
+        raise ValueError(f"The pair-wise term does not work with DataParallel on {len(m.device_ids)} devices (each replica would fire "
+                         "the layer hooks on its slice): use DDP (`learn.distrib_ctx()`) or no `pairs`")
+    if run_teacher and self._teacher_run.model is not m: self._teacher_run.attach(m) # wrapped since `before_fit`
     self._teacher_run.armed, self._teacher_run.out = run_teacher, None
     for gs in self._grabs:
         for g in gs: g.armed, g.out = True, None
@@ -310,8 +324,10 @@ def _check(self:DistillationCallback, xb:tuple):
 @patch
 def before_fit(self:DistillationCallback):
     "Move and freeze the teacher, hook the pairs, check shapes on a training batch, add the metric columns"
-    if not _fitting(self.learn): return # `get_preds`/`validate`, also when called during a fit: leave that fit's state alone
-    self._remove_hooks(); _remove_columns(self)
+    if not _fitting(self.learn): # `get_preds`/`validate`: idle; when no fit is running, clear what an interrupted one left
+        if not _fit_running(self.learn): self._teardown()
+        return
+    self._teardown(); self._remove_hooks(); _remove_columns(self)
     if self.teacher is None: raise ValueError("This DistillationCallback has no teacher (exported learners do not keep it): set `cb.teacher` or remove the callback")
     dcb = self._disc_cb()
     self._teacher_was_training = self.teacher.training
@@ -336,8 +352,12 @@ def before_fit(self:DistillationCallback):
 
 @patch
 def after_fit(self:DistillationCallback):
-    "Remove hooks and columns, forget the last batch, put the teacher back in its mode"
-    if not self._on or not _fitting(self.learn): return
+    if _fitting(self.learn): self._teardown()
+
+@patch
+def _teardown(self:DistillationCallback):
+    "Remove hooks and columns, forget the last batch, put the teacher back in its mode (nothing when not set up)"
+    if not self._on: return
     self._remove_hooks(); _remove_columns(self)
     self.maps, self._on = None, False
     self.teacher.train(self._teacher_was_training)
@@ -446,7 +466,9 @@ class DiscriminatorCallback(Callback):
 @patch
 def before_fit(self:DiscriminatorCallback):
     "Check there is a `DistillationCallback` (it keeps the maps), create the optimizer, add the `d_loss` column"
-    if not _fitting(self.learn): return # as `DistillationCallback.before_fit`
+    if not _fitting(self.learn): # as `DistillationCallback.before_fit`
+        if not _fit_running(self.learn): _remove_columns(self)
+        return
     _remove_columns(self)
     if self.discriminator is None: raise ValueError("This DiscriminatorCallback has no discriminator (exported learners do not keep it): set `cb.discriminator` or remove the callback")
     if not any(isinstance(c, DistillationCallback) for c in self.learn.cbs): raise ValueError("DiscriminatorCallback needs a DistillationCallback on the Learner: it provides the teacher and student maps")

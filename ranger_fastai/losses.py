@@ -111,7 +111,7 @@ class _PairWise(torch.autograd.Function):
         ctx.dense, ctx.detach_norm, ctx.shapes, ctx.c = _use_dense(n, cs, ct), detach_norm, (fs.shape, ft.shape), 4/(N*n*n)
         if ctx.dense: # a^S - a^T, summed in float32: no cancellation here
             A = torch.baddbmm(T.mT @ T, S.mT, S, beta=-1)
-            mats, res = (A,), torch.dot(A.view(-1), A.view(-1))
+            mats, res = (A,), A.square().sum() # pairwise summation: accurate for millions of pairs
         else: # the Gram identity, summed in float64
             mats = (S @ S.mT, S @ T.mT, T @ T.mT)
             res = (_sq_norm64(mats[0]) + _sq_norm64(mats[2]) - 2*_sq_norm64(mats[1])).clamp_min(0) # cancellation can dip below 0

@@ -137,14 +137,21 @@ class _WhereIsTheTeacherHook(Callback):
     def __init__(self, dist): self.dist, self.seen = dist, []
     def before_batch(self): self.seen.append((type(self.learn.model).__name__, self.dist._teacher_run.model is self.learn.model))
 
-def test_teacher_hook_follows_a_wrapped_student(tmp_path):
-    "fastai's ParallelTrainer (order 11) wraps the student in DataParallel after our before_fit: the teacher's pre-hook moves to the wrapper"
-    from fastai.distributed import ParallelTrainer
+class _LateWrap(Callback):
+    "Wraps the student after DistillationCallback's before_fit, as fastai's DistributedTrainer (order 11) does with DDP"
+    order = 11
+    def before_fit(self): self.learn.model = nn.DataParallel(self.learn.model)
+    def after_fit(self): self.learn.model = self.learn.model.module
+
+@pytest.mark.parametrize('late', [False, True])
+def test_teacher_hook_follows_a_wrapped_student(tmp_path, late):
+    "The teacher's pre-hook sits on the outermost module, also when the wrapper comes after our before_fit: one teacher run per batch"
+    from fastai.distributed import ParallelTrainer  # wraps in DataParallel before our before_fit
     teacher = _net(16, seed=1)
     calls, learn = _count_forwards(teacher), _learner(tmp_path)
     dist = DistillationCallback(teacher, ho_weight=0)
     where = _WhereIsTheTeacherHook(dist)
-    learn.fit(1, 1e-2, cbs=[dist, ParallelTrainer(device_ids=None), where])
+    learn.fit(1, 1e-2, cbs=[dist, _LateWrap() if late else ParallelTrainer(device_ids=None), where])
     assert set(where.seen) == {('DataParallel', True)}
     assert len(calls) == 1 + len(learn.dls.train) + len(learn.dls.valid)  # once per batch (and once for the check)
     assert not isinstance(learn.model, nn.DataParallel) and all(len(m._forward_pre_hooks) == 0 for m in learn.model.modules())
@@ -174,6 +181,7 @@ class _PredsMidFit(Callback):
         if self.epoch == 0 and self.during is None:
             n = len(self.calls); self.during = 0  # set first: fastai's validation context calls after_epoch again
             self.learn.get_preds()
+            self.res = self.learn.validate()
             self.during = len(self.calls) - n
 
 def test_get_preds_during_a_fit_leaves_the_distillation_running(tmp_path):
@@ -184,7 +192,8 @@ def test_get_preds_during_a_fit_leaves_the_distillation_running(tmp_path):
     learn.fit(1, 1e-2, cbs=[dist, dcb])  # the reference: one epoch
     per_epoch = len(calls) - 1  # before_fit's check runs it once
     learn.fit(2, 1e-2, cbs=[dist, dcb, peek])
-    assert peek.during == 0  # the teacher does not run inside get_preds
+    assert peek.during == 0  # the teacher does not run inside get_preds or validate
+    assert peek.res[0] is not None and len(peek.res) > 1 and all(v is None for v in peek.res[1:])  # the columns: not computed by validate
     assert len(calls) - (per_epoch + 1) == 1 + 2 * per_epoch  # and runs on every batch of both epochs
     names = learn.recorder.metric_names
     assert 'train_pi_loss' in names and 'train_d_loss' in names and dist._on is False and learn.metrics == []
@@ -327,14 +336,39 @@ def test_hooks_removed_after_cancel_and_harmless_after_error(tmp_path):
     dist = DistillationCallback(teacher, pairs=[('3', '3')], ho_weight=0)
     learn.fit(1, cbs=[dist, _Boom(CancelFitException())])
     assert len(learn.model[3]._forward_hooks) == 0 and len(teacher[3]._forward_hooks) == 0
-    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[dist, _Boom(RuntimeError('boom'))])
-    assert len(learn.model[3]._forward_hooks) == 1  # fastai skips after_fit: the stale hook stays, disarmed
-    assert dist._teacher_run.out is not None and dist._grabs[0][1].out is not None  # the teacher ran before the student's forward
-    learn.model(torch.randn(2, 3, 16, 16))  # an unarmed call drops what the student's hooks held
-    assert dist._teacher_run.out is None and dist._grabs[0][0].out is None
-    learn.export('x.pkl')  # the stale hook pickles empty: no teacher in the file, no error
-    learn.fit(1, cbs=dist)  # the next fit removes it
-    assert len(learn.model[3]._forward_hooks) == 0
+    learn.add_cbs([dist, DiscriminatorCallback(_disc())])  # attached for good, as `learn.distill` does
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=_Boom(RuntimeError('boom')))
+    assert len(learn.model[3]._forward_hooks) == 1 and dist._on and len(learn.metrics) > 0  # fastai skips after_fit: stale hooks and columns
+    assert dist._teacher_run.out is not None  # the teacher ran before the student's forward, then the batch failed
+    learn.model(torch.randn(2, 3, 16, 16))  # unarmed: the teacher does not run again
+    learn.export('x.pkl')  # the stale hooks pickle empty: no teacher in the file, no error
+    res = learn.validate()  # no fit is running: clears what the interrupted one left
+    assert len(res) == 1 and learn.metrics == [] and not dist._on and teacher.training
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in [*learn.model.modules(), *teacher.modules()])
+    learn.fit(1)  # and the next fit works
+    assert 'train_d_loss' in learn.recorder.metric_names and 'train_pa_loss' in learn.recorder.metric_names
+
+def test_a_second_student_forward_in_the_batch(tmp_path):
+    "A callback running the student again within the batch (consistency losses, R-Drop) leaves the teacher's output and the features alone"
+    class _Again(Callback):
+        order = 1
+        def after_pred(self): self.learn.model(self.xb[0].flip(-1))
+    teacher = _net(16, seed=1)
+    calls, learn = _count_forwards(teacher), _learner(tmp_path)
+    learn.fit(1, 1e-2, cbs=[DistillationCallback(teacher, pairs=[('3', '3')], ho_weight=0), _Again()])
+    assert len(calls) == 1 + len(learn.dls.train) + len(learn.dls.valid) and learn.recorder.values[-1][2] is not None
+
+def test_pairs_refuse_dataparallel_on_several_devices(tmp_path):
+    "DataParallel replicas would each fire the layer hooks on their slice: a clear error at the first batch, before any step"
+    from fastai.distributed import ParallelTrainer
+    class _TwoDevices(Callback):  # stands for DataParallel over two GPUs (this machine has none)
+        order = 12
+        def before_fit(self): self.learn.model.device_ids = [0, 1]
+    learn = _learner(tmp_path)
+    s0 = _params(learn.model)
+    with pytest.raises(ValueError, match='DataParallel on 2 devices'):
+        learn.fit(1, 1e-2, cbs=[DistillationCallback(_net(16, seed=1), pairs=[('3', '3')], ho_weight=0), ParallelTrainer(device_ids=None), _TwoDevices()])
+    assert _same(s0, learn.model.parameters())
 
 # %% errors, before any change
 
