@@ -102,6 +102,7 @@ class _TeacherRun:
         self.detach()
         self.model, self.handle = model, model.register_forward_pre_hook(self)
     def detach(self):
+        "Remove the hook, if any"
         if self.handle is not None: self.handle.remove()
         self.model = self.handle = None
     def __call__(self, m, args): # unarmed calls (a second forward pass in the batch, an unhooked leftover) leave `out` alone
