@@ -82,20 +82,23 @@ def find_layer(model:nn.Module, # The model to search
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; its layers are {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
     raise ValueError(f"Layer {layer!r} not found in the {what}{hint}")
 
-class _Grab:
-    "Forward hook keeping its module's output once per arming (unarmed calls leave it alone); pickles empty"
+class _PicklesEmpty:
+    "Pickles as a fresh, empty object: a hook left on a model never drags the callback or the teacher into a file"
+    def __getstate__(self): return {}
+    def __setstate__(self, d): self.__init__()
+
+class _Grab(_PicklesEmpty):
+    "Forward hook keeping its module's output once per arming (unarmed calls leave it alone)"
     def __init__(self): self.armed, self.out = False, None
     def __call__(self, m, i, o):
         if self.armed: self.out, self.armed = o, False
-    def __getstate__(self): return {}
-    def __setstate__(self, d): self.__init__()
 
 def _plain(t):
     "`t` as a plain `Tensor` (fastai's tensor subclasses make each op pay for `__torch_function__`)"
     return t.as_subclass(Tensor) if isinstance(t, Tensor) and type(t) is not Tensor else t
 
-class _TeacherRun:
-    "Forward pre-hook on the student: once per arming, runs `teacher` (no grad) on the student's inputs just before the student; pickles empty"
+class _TeacherRun(_PicklesEmpty):
+    "Forward pre-hook on the student: once per arming, runs `teacher` (no grad) on the student's inputs just before the student"
     def __init__(self, teacher=None): self.teacher, self.armed, self.out, self.model, self.handle = teacher, False, None, None, None
     def attach(self, model:nn.Module):
         "Hook `model`, and only it: the outermost module, which a DDP or DataParallel wrapper makes run once per batch"
@@ -109,8 +112,6 @@ class _TeacherRun:
         if not self.armed: return
         self.armed = False
         with torch.no_grad(): self.out = _plain(self.teacher(*map(_plain, args)))
-    def __getstate__(self): return {}
-    def __setstate__(self, d): self.__init__()
 
 # %% ../nbs/02_distill.ipynb #de8782e9
 def _model_device(model:nn.Module, what='student')->torch.device:
@@ -252,24 +253,29 @@ def _remove_hooks(self:DistillationCallback):
 def _register_hooks(self:DistillationCallback):
     "Hook the student to run the teacher first, and the layers of each pair; `ValueError` (with close names) for a layer that is not found"
     layers = [(find_layer(_unwrap(self.learn.model), s, 'student'), find_layer(self.teacher, t, 'teacher')) for s,t in self.pairs] if self.pa_weight > 0 else []
-    self._teacher_run = _TeacherRun(self.teacher)
-    self._teacher_run.attach(self.learn.model)
     for pair in layers:
         grabs = (_Grab(), _Grab())
         self._hooks += [m.register_forward_hook(g) for m,g in zip(pair, grabs)]
         self._grabs.append(grabs)
+    self._teacher_run = _TeacherRun(self.teacher)
+    self._attach_teacher()
 
 @patch
 def _arm(self:DistillationCallback, run_teacher:bool=True):
     "Arm the hooks for one forward pass of the student and the teacher (the student's pre-hook runs the teacher if `run_teacher`)"
-    m = self.learn.model
-    if run_teacher and self._grabs and isinstance(m, nn.DataParallel) and len(m.device_ids) > 1:
-        raise ValueError(f"The pair-wise term does not work with DataParallel on {len(m.device_ids)} devices (each replica would fire "
-                         "the layer hooks on its slice): use DDP (`learn.distrib_ctx()`) or no `pairs`")
-    if run_teacher and self._teacher_run.model is not m: self._teacher_run.attach(m) # wrapped since `before_fit`
+    if run_teacher and self._teacher_run.model is not self.learn.model: self._attach_teacher() # wrapped since `before_fit`
     self._teacher_run.armed, self._teacher_run.out = run_teacher, None
     for gs in self._grabs:
         for g in gs: g.armed, g.out = True, None
+
+@patch
+def _attach_teacher(self:DistillationCallback):
+    "Put the teacher's pre-hook on `learn.model`; `ValueError` for pairs under DataParallel on several devices"
+    m = self.learn.model
+    if self._grabs and isinstance(m, nn.DataParallel) and len(m.device_ids) > 1:
+        raise ValueError(f"The pair-wise term does not work with DataParallel on {len(m.device_ids)} devices (each replica would fire "
+                         "the layer hooks on its slice): use DDP (`learn.distrib_ctx()`) or no `pairs`")
+    self._teacher_run.attach(m)
 
 @patch
 def _take_teacher(self:DistillationCallback)->Tensor:
@@ -328,7 +334,7 @@ def before_fit(self:DistillationCallback):
     if not _fitting(self.learn): # `get_preds`/`validate`: idle; when no fit is running, clear what an interrupted one left
         if not _fit_running(self.learn): self._teardown()
         return
-    self._teardown(); self._remove_hooks(); _remove_columns(self)
+    self._teardown() # what an interrupted fit left
     if self.teacher is None: raise ValueError("This DistillationCallback has no teacher (exported learners do not keep it): set `cb.teacher` or remove the callback")
     dcb = self._disc_cb()
     self._teacher_was_training = self.teacher.training

@@ -359,10 +359,10 @@ def test_a_second_student_forward_in_the_batch(tmp_path):
     assert len(calls) == 1 + len(learn.dls.train) + len(learn.dls.valid) and learn.recorder.values[-1][2] is not None
 
 def test_pairs_refuse_dataparallel_on_several_devices(tmp_path):
-    "DataParallel replicas would each fire the layer hooks on their slice: a clear error at the first batch, before any step"
-    from fastai.distributed import ParallelTrainer
+    "DataParallel replicas would each fire the layer hooks on their slice: a clear error in before_fit, before any step"
+    from fastai.distributed import ParallelTrainer  # order 0: wraps the student before our before_fit
     class _TwoDevices(Callback):  # stands for DataParallel over two GPUs (this machine has none)
-        order = 12
+        order = 1
         def before_fit(self): self.learn.model.device_ids = [0, 1]
     learn = _learner(tmp_path)
     s0 = _params(learn.model)
