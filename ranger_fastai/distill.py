@@ -16,7 +16,7 @@ from fastcore.meta import delegates
 from fastai.torch_core import find_bs, to_device
 from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback
-from .losses import _pixel_wise, pair_wise_loss, Discriminator, wgan_gp_loss, hinge_loss, generator_loss
+from .losses import _no_autocast, _pixel_wise, pair_wise_loss, Discriminator, wgan_gp_loss, hinge_loss, generator_loss
 from .optimizer import ranger
 
 # %% auto #0
@@ -29,8 +29,9 @@ class _PhaseAverages:
     def reset(self, phase): self.sums.pop(phase, None)
     def add(self, phase, values:dict, bs:int):
         "Add a batch of `bs` samples with the scalar tensors `values` (the same names at each batch of a phase)"
-        keys, tot, n = self.sums.get(phase, (tuple(values), 0., 0))
-        self.sums[phase] = (keys, torch.stack(list(values.values())).detach().float()*bs + tot, n + bs)
+        vals = torch.stack(list(values.values())).detach().float()
+        keys, tot, n = self.sums.get(phase, (tuple(values), None, 0))
+        self.sums[phase] = (keys, vals*bs if tot is None else tot.add_(vals, alpha=bs), n + bs)
     def value(self, phase, key):
         keys, tot, n = self.sums.get(phase, ((), None, 0))
         return None if n == 0 or key not in keys else (tot[keys.index(key)]/n).item()
@@ -403,7 +404,7 @@ def after_loss(self:DistillationCallback):
     s, xb, t = _plain(self.learn.pred), tuple(_plain(x) for x in self.xb), self._take_teacher()
     feats = [(_plain(fs), _plain(ft)) for fs,ft in self._take_features()] if 'pa' in self._terms else []
     vals, maps = {}, None
-    with torch.autocast(s.device.type, enabled=False):
+    with _no_autocast(s):
         if 'pi' in self._terms:
             vals['pi'], *pi_maps = _pixel_wise(s.float(), t.float(), self.T)
             if self.T == 1: maps = pi_maps # the discriminator's maps: computed once, with one backward pass for both terms
@@ -416,8 +417,8 @@ def after_loss(self:DistillationCallback):
             dcb.discriminator.train(self.training)
             with _frozen(dcb.discriminator): vals['ho'] = generator_loss(dcb.discriminator, s_maps, img).float()
         self.maps = (t_maps.detach(), s_maps.detach(), img) if self.training else None
-    weights = dict(pi=self.pi_weight, pa=self.pa_weight, ho=self.ho_weight)
-    total = self.learn.loss_grad + sum(weights[k]*v for k,v in vals.items())
+    weights, total = dict(pi=self.pi_weight, pa=self.pa_weight, ho=self.ho_weight), _plain(self.learn.loss_grad)
+    for k,v in vals.items(): total = torch.add(total, v, alpha=weights[k]) # one op per term
     self.learn.loss_grad = total
     self.avgs.add('train' if self.training else 'valid', {**{f'{k}_loss': v for k,v in vals.items()}, 'total_loss': total}, find_bs(self.yb))
 

@@ -4,6 +4,7 @@
 
 # %% ../nbs/01_losses.ipynb #7e3a8a05
 from __future__ import annotations
+from contextlib import nullcontext
 from functools import partial
 import pickle
 import torch
@@ -18,8 +19,9 @@ __all__ = ['pixel_wise_loss', 'pair_wise_loss', 'Discriminator', 'wgan_gp_loss',
 
 # %% ../nbs/01_losses.ipynb #dd63d848
 def _no_autocast(t:Tensor):
-    "A context that switches autocast off on the device of `t`"
-    return torch.autocast(device_type=t.device.type, enabled=False)
+    "A context that switches autocast off on the device of `t` (none when it is off: entering `torch.autocast` costs more than these losses' small ops)"
+    dev = t.device.type
+    return torch.autocast(device_type=dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext()
 
 def _shape(t:Tensor)->tuple: return tuple(t.shape)
 
@@ -45,21 +47,25 @@ class _PixelWise(torch.autograd.Function):
         ps.exp_() # log p_S -> p_S
         n = s.numel() // s.shape[1] # positions
         keep_d = ctx.needs_input_grad[1] # only the teacher's gradient needs d
-        ctx.save_for_backward(ps, pt, d if keep_d else None)
+        loss = ((pt*d) if keep_d else d.mul_(pt)).sum() * (T*T / n)
+        # p_S - p_T (the student's gradient but for a factor) now, while both maps are in the cache: into d's buffer if it is free
+        diff = None if not ctx.needs_input_grad[0] else (ps - pt) if keep_d else torch.sub(ps, pt, out=d)
+        ctx.save_for_backward(ps, diff, *((pt, d) if keep_d else (None, None)))
         ctx.mark_non_differentiable(pt)
         ctx.T, ctx.c = T, T / n # d/ds (T² KL(p_T || p_S(s/T))) = T (p_S - p_T), over the positions
-        return ((pt*d) if keep_d else d.mul_(pt)).sum() * (T*T / n), ps, pt
+        return loss, ps, pt
 
     @staticmethod
     def backward(ctx, g, g_ps, _):
-        ps, pt, d = ctx.saved_tensors
-        c = None if g is None else g.to(pt.dtype) * ctx.c
+        ps, diff, pt, d = ctx.saved_tensors
+        c = None if g is None else g.to(ps.dtype) * ctx.c
         ds = dt = None
         if ctx.needs_input_grad[0]:
-            ds = torch.zeros_like(ps) if c is None else (ps - pt).mul_(c)
-            if g_ps is not None: # softmax backward, through p_S = softmax(s/T)
-                h = ps * g_ps
-                ds.add_(h.addcmul_(ps, h.sum(1, keepdim=True), value=-1), alpha=1/ctx.T)
+            if g_ps is None: ds = diff * c
+            else: # through p_S = softmax(s/T): torch's fused softmax backward (one pass instead of four)
+                ds = torch._softmax_backward_data(g_ps, ps, 1, ps.dtype)
+                if ctx.T != 1: ds.mul_(1/ctx.T)
+                if c is not None: ds.addcmul_(diff, c)
         if ctx.needs_input_grad[1] and c is not None: dt = pt * (d - (pt*d).sum(1, keepdim=True)) * c
         return ds, dt, None
 
@@ -221,7 +227,7 @@ def _check_real_fake(real:Tensor, fake:Tensor):
 
 def _scores(D, x:Tensor, img:Tensor|None, k:int=1)->Tensor:
     "`D`'s scores of `x`, paired with `img` repeated `k` times (`x` stacks `k` batches)"
-    return D(x) if img is None else D(x, torch.cat([img]*k))
+    return D(x) if img is None else D(x, img if k == 1 else torch.cat([img]*k))
 
 def _penalty(scores:Tensor, x:Tensor, scaler=None)->Tensor:
     "Mean over samples of (||d scores_k / d x_k||_2 - 1)², keeping the graph; through `scaler` when it is enabled"

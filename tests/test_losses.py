@@ -36,6 +36,9 @@ def test_pixel_wise_teacher_gradient():
     t64, t32 = t.double().requires_grad_(), t.clone().requires_grad_()
     _kl_ref(s, t64, 2.).backward(); pixel_wise_loss(s, t32, T=2.).backward()
     assert _rel(t32.grad.double(), t64.grad) <= 1e-4
+    s64, s32, t64.grad, t32.grad = s.double().requires_grad_(), s.clone().requires_grad_(), None, None # both at once
+    _kl_ref(s64, t64, 2.).backward(); pixel_wise_loss(s32, t32, T=2.).backward()
+    assert _rel(s32.grad.double(), s64.grad) <= 1e-4 and _rel(t32.grad.double(), t64.grad) <= 1e-4
 
 @pytest.mark.parametrize('T,resize', [(1., False), (2., False), (1., True)])
 def test_pixel_wise_shared_maps(T, resize):
