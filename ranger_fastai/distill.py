@@ -414,7 +414,7 @@ def after_loss(self:DistillationCallback):
         s_maps, t_maps = _maps(s, t) if maps is None else maps
         img = dcb._img(xb)
         if 'ho' in self._terms:
-            dcb.discriminator.train(self.training)
+            if dcb.discriminator.training != self.training: dcb.discriminator.train(self.training) # its step leaves it in train mode
             with _frozen(dcb.discriminator): vals['ho'] = generator_loss(dcb.discriminator, s_maps, img).float()
         self.maps = (t_maps.detach(), s_maps.detach(), img) if self.training else None
     weights, total = dict(pi=self.pi_weight, pa=self.pa_weight, ho=self.ho_weight), _plain(self.learn.loss_grad)

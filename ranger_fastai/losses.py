@@ -47,25 +47,22 @@ class _PixelWise(torch.autograd.Function):
         ps.exp_() # log p_S -> p_S
         n = s.numel() // s.shape[1] # positions
         keep_d = ctx.needs_input_grad[1] # only the teacher's gradient needs d
-        loss = ((pt*d) if keep_d else d.mul_(pt)).sum() * (T*T / n)
-        # p_S - p_T (the student's gradient but for a factor) now, while both maps are in the cache: into d's buffer if it is free
-        diff = None if not ctx.needs_input_grad[0] else (ps - pt) if keep_d else torch.sub(ps, pt, out=d)
-        ctx.save_for_backward(ps, diff, *((pt, d) if keep_d else (None, None)))
+        ctx.save_for_backward(ps, pt, d if keep_d else None)
         ctx.mark_non_differentiable(pt)
         ctx.T, ctx.c = T, T / n # d/ds (T² KL(p_T || p_S(s/T))) = T (p_S - p_T), over the positions
-        return loss, ps, pt
+        return ((pt*d) if keep_d else d.mul_(pt)).sum() * (T*T / n), ps, pt
 
     @staticmethod
     def backward(ctx, g, g_ps, _):
-        ps, diff, pt, d = ctx.saved_tensors
-        c = None if g is None else g.to(ps.dtype) * ctx.c
+        ps, pt, d = ctx.saved_tensors
+        c = None if g is None else g.to(pt.dtype) * ctx.c
         ds = dt = None
         if ctx.needs_input_grad[0]:
-            if g_ps is None: ds = diff * c
+            if g_ps is None: ds = (ps - pt).mul_(c)
             else: # through p_S = softmax(s/T): torch's fused softmax backward (one pass instead of four)
                 ds = torch._softmax_backward_data(g_ps, ps, 1, ps.dtype)
                 if ctx.T != 1: ds.mul_(1/ctx.T)
-                if c is not None: ds.addcmul_(diff, c)
+                if c is not None: ds.addcmul_(ps, c).addcmul_(pt, c, value=-1)
         if ctx.needs_input_grad[1] and c is not None: dt = pt * (d - (pt*d).sum(1, keepdim=True)) * c
         return ds, dt, None
 
