@@ -58,7 +58,7 @@ class _PixelWise(torch.autograd.Function):
         c = None if g is None else g.to(pt.dtype) * ctx.c
         ds = dt = None
         if ctx.needs_input_grad[0]:
-            if g_ps is None: ds = (ps - pt).mul_(c)
+            if g_ps is None: ds = None if c is None else (ps - pt).mul_(c) # None: no output got a gradient
             else: # through p_S = softmax(s/T): torch's fused softmax backward (one pass instead of four)
                 ds = torch._softmax_backward_data(g_ps, ps, 1, ps.dtype)
                 if ctx.T != 1: ds.mul_(1/ctx.T)

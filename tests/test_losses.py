@@ -405,3 +405,16 @@ def test_critic_shape_errors(f):
 @pytest.mark.parametrize('w', [-1., float('nan')])
 def test_gp_weight_error(w):
     with pytest.raises(ValueError, match='gp_weight'): wgan_gp_loss(_Linear(18), torch.rand(4, 2, 3, 3), torch.rand(4, 2, 3, 3), gp_weight=w)
+
+def test_pixel_wise_no_output_gradient():
+    "A consumer of the maps that returns no gradient (and no loss gradient) gives the student no gradient; `gradcheck` passes with undefined output gradients"
+    class _NoGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x): return x.sum(1)
+        @staticmethod
+        def backward(ctx, g): return None
+    s, t = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 4, 4)
+    _NoGrad.apply(_pixel_wise(s, t, 1.)[1]).sum().backward()
+    assert s.grad is None or not s.grad.any()
+    s64, t64 = torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True), torch.randn(2, 3, 2, 2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: tuple(_pixel_wise(x, t64, 2.)[:2]), (s64,))
