@@ -408,7 +408,9 @@ def after_loss(self:DistillationCallback):
         if 'pi' in self._terms:
             vals['pi'], *pi_maps = _pixel_wise(s.float(), t.float(), self.T)
             if self.T == 1: maps = pi_maps # the discriminator's maps: computed once, with one backward pass for both terms
-        if feats: vals['pa'] = sum(pair_wise_loss(fs.float(), ft.float(), detach_norm=self.detach_norm) for fs,ft in feats)/len(feats)
+        if feats:
+            pa = [pair_wise_loss(fs.float(), ft.float(), detach_norm=self.detach_norm) for fs,ft in feats]
+            vals['pa'] = pa[0] if len(pa) == 1 else torch.stack(pa).mean()
     dcb = self._disc_cb()
     if dcb is not None:
         s_maps, t_maps = _maps(s, t) if maps is None else maps

@@ -71,6 +71,23 @@ def test_three_terms_fit_one_cycle(tmp_path):
     # hooks are gone after fit
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in list(learn.model.modules()) + list(teacher.modules()))
 
+def test_objective_is_task_plus_weighted_terms(tmp_path):
+    "`loss_grad` = task loss + pi_weight * pixel-wise + pa_weight * (mean of the pairs' pair-wise losses), from the same batch's outputs"
+    from ranger_fastai.losses import pair_wise_loss
+    teacher, learn, feats = _net(16, seed=1), _learner(tmp_path), {}
+    for who, net in (('s', learn.model), ('t', teacher)):
+        for l in ('3', '1'): net.get_submodule(l).register_forward_hook(lambda m, i, o, k=(who, l): feats.__setitem__(k, o.detach()))
+    class _Check(Callback):
+        order, rows = 6, []
+        def after_loss(self):
+            if not self.training: return
+            fs = {l: feats['s', l] for l in ('3', '1')} # the student's, before the teacher runs again below
+            with torch.no_grad(): t = teacher(*self.xb)
+            pa = (pair_wise_loss(fs['3'], feats['t', '3']) + pair_wise_loss(fs['1'], feats['t', '1'])) / 2
+            self.rows.append((self.learn.loss_grad.item(), (self.learn.loss + 0.5*pixel_wise_loss(self.learn.pred, t) + 2*pa).item()))
+    learn.fit(1, 1e-2, cbs=[DistillationCallback(teacher, pi_weight=0.5, pa_weight=2., ho_weight=0, pairs=[('3', '3'), ('1', '1')]), _Check()])
+    assert len(_Check.rows) == 4 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in _Check.rows)
+
 class _ShiftInputs(Callback):
     "Changes the batch in `before_batch` after `DistillationCallback` (order 5) has run, as MixUp-like callbacks do"
     order = 50
