@@ -13,7 +13,9 @@ with the gradient penalty, backward, optimizer step) and the generator term's di
 (from the discriminator's output back to the student's maps, timed by tensor hooks during the student's backward).
 "Everything else" is what distillation adds besides those: (batch - teacher - D parts) minus the student alone,
 as a share of the student alone, paired by round (each round's median minus the student's median of the same round;
-the table gives the median over rounds and their range). Configurations and thread counts are interleaved over
+the table gives the median over rounds and their range). The "D step only" configuration runs the discriminator's
+step without the generator term: its "everything else" minus that of "+ pair-wise" is what the discriminator's step
+costs the following work of the next batch (caches and the like), beyond its own time. Configurations and thread counts are interleaved over
 rounds; all numbers are medians in ms. The pixel-wise and pair-wise loss functions are also timed on their own (forward + backward).
 The last column counts the process's minor page faults per batch: memory the C library handed back to the system and
 the batch had to fault in (and the kernel to zero) again. `--keep-memory` calls `keep_freed_memory()` first, as the
@@ -111,6 +113,7 @@ def main(rounds=7, batches=8, threads='1,2', device='cpu', student_width=STUDENT
         'student alone': [],
         '+ pixel-wise': [DistillationCallback(teacher, pa_weight=0, ho_weight=0)],
         '+ pair-wise': [DistillationCallback(teacher, ho_weight=0, pairs=[PAIR])],
+        '+ pair-wise, D step only': [DistillationCallback(teacher, ho_weight=0, pairs=[PAIR]), dcb], # no generator term
         '+ holistic (D step)': [DistillationCallback(teacher, pairs=[PAIR]), dcb],
     }
     learn.recorder.silent = True
@@ -153,6 +156,9 @@ def main(rounds=7, batches=8, threads='1,2', device='cpu', student_width=STUDENT
             diffs = sorted(med(rest(v)) - med([r['batch'] for r in a]) for v, a in zip(rows[th, k], alone))
             extra = '- | -' if k == 'student alone' else f'{statistics.median(diffs):.2f} ({diffs[0]:.2f} to {diffs[-1]:.2f}) | {100*statistics.median(diffs)/base:.0f}%'
             print(f"| {k} | {med([r['batch'] for r in rs]):.2f} | {cells} | {extra} | {statistics.median(r['faults'] for r in rs):.0f} |")
+        pa, pad = ([med(rest(v)) - med([r['batch'] for r in a]) for v, a in zip(rows[th, k], alone)] for k in ('+ pair-wise', '+ pair-wise, D step only'))
+        d = sorted(x - y for x, y in zip(pad, pa))
+        print(f"\nThe D step's after-effect on the rest of the batch ('D step only' minus '+ pair-wise', paired by round): {statistics.median(d):.2f} ms ({d[0]:.2f} to {d[-1]:.2f})", end='')
         for k in losses: print(f"\n{k}: {med(loss_times[th, k]):.2f} ms", end='')
         print()
 
