@@ -6,8 +6,8 @@ at the widths of `PRESETS['distill']` (teacher 16, student 8), with the same dis
 layers, 11 classes, 32x32 images, batch 32: the built-in digit scenes' resolution. Batches are random tensors of
 those shapes (time does not depend on their content).
 
-Each configuration (student alone, + pixel-wise, + pair-wise, + holistic with the discriminator step)
-is timed in real fastai fits: one batch is `before_batch` to `after_batch`, the first batch of each fit is dropped.
+Each configuration (student alone, + pixel-wise, + pair-wise, + pair-wise with the discriminator's step only, + holistic
+with the discriminator step) is timed in real fastai fits: one batch is `before_batch` to `after_batch`, the first batch of each fit is dropped.
 Inside those same batches, hooks time the teacher's forward pass, the discriminator's own step (`d_step`: its loss
 with the gradient penalty, backward, optimizer step) and the generator term's discriminator forward and backward
 (from the discriminator's output back to the student's maps, timed by tensor hooks during the student's backward).
@@ -15,8 +15,8 @@ with the gradient penalty, backward, optimizer step) and the generator term's di
 as a share of the student alone, paired by round (each round's median minus the student's median of the same round;
 the table gives the median over rounds and their range). The "D step only" configuration runs the discriminator's
 step without the generator term: its "everything else" minus that of "+ pair-wise" is what the discriminator's step
-costs the following work of the next batch (caches and the like), beyond its own time. Configurations and thread counts are interleaved over
-rounds; all numbers are medians in ms. The pixel-wise and pair-wise loss functions are also timed on their own (forward + backward).
+costs the rest of the training step (caches and the like), beyond its own time. Configurations and thread counts are
+interleaved over rounds; all numbers are medians in ms. The pixel-wise and pair-wise loss functions are also timed on their own (forward + backward).
 The last column counts the process's minor page faults per batch: memory the C library handed back to the system and
 the batch had to fault in (and the kernel to zero) again. `--keep-memory` calls `keep_freed_memory()` first, as the
 `ranger-fastai` command does; run the script with and without it to see what the allocator costs.
