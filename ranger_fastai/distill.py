@@ -16,7 +16,7 @@ from fastcore.meta import delegates
 from fastai.torch_core import find_bs, to_device
 from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback
-from .losses import _no_autocast, _pixel_wise, pair_wise_loss, Discriminator, wgan_gp_loss, hinge_loss, generator_loss
+from .losses import _pixel_wise, pair_wise_loss, Discriminator, wgan_gp_loss, hinge_loss, generator_loss
 from .optimizer import ranger
 
 # %% auto #0
@@ -404,20 +404,19 @@ def after_loss(self:DistillationCallback):
     s, xb, t = _plain(self.learn.pred), tuple(_plain(x) for x in self.xb), self._take_teacher()
     feats = [(_plain(fs), _plain(ft)) for fs,ft in self._take_features()] if 'pa' in self._terms else []
     vals, maps = {}, None
-    with _no_autocast(s):
-        if 'pi' in self._terms:
-            vals['pi'], *pi_maps = _pixel_wise(s.float(), t.float(), self.T)
-            if self.T == 1: maps = pi_maps # the discriminator's maps: computed once, with one backward pass for both terms
-        if feats:
-            pa = [pair_wise_loss(fs.float(), ft.float(), detach_norm=self.detach_norm) for fs,ft in feats]
-            vals['pa'] = pa[0] if len(pa) == 1 else torch.stack(pa).mean()
+    if 'pi' in self._terms: # the losses switch autocast off themselves
+        vals['pi'], *pi_maps = _pixel_wise(s.float(), t.float(), self.T)
+        if self.T == 1: maps = pi_maps # the discriminator's maps: computed once, with one backward pass for both terms
+    if feats:
+        pa = [pair_wise_loss(fs.float(), ft.float(), detach_norm=self.detach_norm) for fs,ft in feats]
+        vals['pa'] = pa[0] if len(pa) == 1 else torch.stack(pa).mean()
     dcb = self._disc_cb()
     if dcb is not None:
         s_maps, t_maps = _maps(s, t) if maps is None else maps
         img = dcb._img(xb)
         if 'ho' in self._terms:
             if dcb.discriminator.training != self.training: dcb.discriminator.train(self.training) # its step leaves it in train mode
-            with _frozen(dcb.discriminator): vals['ho'] = generator_loss(dcb.discriminator, s_maps, img).float()
+            with _frozen(dcb.discriminator): vals['ho'] = generator_loss(dcb.discriminator, s_maps, img)
         self.maps = (t_maps.detach(), s_maps.detach(), img) if self.training else None
     weights, total = dict(pi=self.pi_weight, pa=self.pa_weight, ho=self.ho_weight), _plain(self.learn.loss_grad)
     for k,v in vals.items(): total = torch.add(total, v, alpha=weights[k]) # one op per term
