@@ -4,12 +4,14 @@
 
 # %% ../nbs/00_optimizer.ipynb #7c7524d5
 from __future__ import annotations
-import math, warnings
+import functools, inspect, math, warnings
 from collections import defaultdict
 from contextlib import contextmanager
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.adam import adam
+from torch.optim.adamw import adamw
 from fastai.optimizer import OptimWrapper
 from fastai.callback.core import Callback
 import numbers
@@ -50,10 +52,18 @@ def _check_lookahead(k, # Synchronise every `k` steps
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1: raise ValueError(f"Invalid k={k!r}: expected an integer >= 1")
     _check_range('alpha', alpha, 0, 1, lo_open=True)
 
+def _check_lr(lr):
+    "Raise a clear error naming `lr` unless it is a non-negative number or a one-element tensor holding one"
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1: raise ValueError(f"Invalid lr: a tensor lr must hold one element, got one of shape {tuple(lr.shape)}")
+        if not (lr.is_floating_point() or torch.compiler.is_compiling()): raise TypeError(f"Invalid lr={lr!r}: expected a floating point tensor")
+        if torch.compiler.is_compiling(): return
+        lr = lr.item()
+    _check_range('lr', lr, 0, math.inf, hi_open=True)
+
 def _check_ranger_group(g:dict):
     "Raise a clear error for an invalid hyper-parameter in param group `g`"
-    lr = g['lr']
-    _check_range('lr', lr.item() if isinstance(lr, Tensor) else lr, 0, math.inf, hi_open=True)
+    _check_lr(g['lr'])
     b = g['betas']
     if not (isinstance(b, (tuple, list)) and len(b) == 2): raise ValueError(f"Invalid betas={b!r}: expected a pair (beta1, beta2)")
     for i,v in enumerate(b): _check_range(f'betas[{i}]', v, 0, 1, hi_open=True)
@@ -61,7 +71,7 @@ def _check_ranger_group(g:dict):
     _check_range('weight_decay', g['weight_decay'], 0, math.inf, hi_open=True)
     _check_lookahead(g['k'], g['lookahead_alpha'])
     _check_flag('use_gc', g['use_gc'], _GC_MODES)
-    for name in ('decouple_wd', 'skip_nonfinite'): _check_flag(name, g[name])
+    for name in ('decouple_wd', 'skip_nonfinite', 'maximize'): _check_flag(name, g[name])
     _check_flag('fused', g['fused'], (None, True, False))
 
 # %% ../nbs/00_optimizer.ipynb #702e8266
@@ -69,14 +79,34 @@ def _centralize(grads, min_dim):
     "Gradient centralization: subtract from each gradient with more than `min_dim` dims its mean over all dims but the first"
     return [g - g.mean(dim=tuple(range(1, g.dim())), keepdim=True) if g.dim() > min_dim else g for g in grads]
 
-def _fused_ok(p:Tensor): return p.device.type in torch.utils._foreach_utils._get_fused_kernels_supported_devices()
+@functools.cache
+def _has_fused_adam(device_type:str)->bool:
+    "Whether PyTorch has a fused Adam kernel for `device_type`: one `torch.optim.Adam(fused=True)` step on an empty tensor, once per type"
+    p = torch.zeros(0, device=device_type, requires_grad=True)
+    p.grad = torch.zeros_like(p)
+    try: torch.optim.Adam([p], fused=True).step()
+    except (RuntimeError, NotImplementedError): return False
+    return True
+
+def _dense(t:Tensor)->bool:
+    "Whether `t`'s elements fill one block of memory with no gaps or overlaps, in whatever order of dimensions"
+    expected = 1
+    for size,stride in sorted(((s, st) for s,st in zip(t.shape, t.stride()) if s != 1), key=lambda o: o[1]):
+        if stride != expected: return False
+        expected *= size
+    return True
+
+def _fusable(p:Tensor, *others:Tensor)->bool:
+    "Whether a fused kernel, which walks memory in order, updates `p` correctly from `others` (gradient and moments)"
+    if p.is_contiguous() and all(o.is_contiguous() for o in others): return True
+    return _dense(p) and all(o.stride() == p.stride() for o in others)
 
 # %% ../nbs/00_optimizer.ipynb #7d819353
 class Ranger(Optimizer):
     "RAdam with Lookahead (fastai's `ranger` math) as a `torch.optim.Optimizer`, fused where PyTorch allows"
     _step_supports_amp_scaling = True
-    def __init__(self, params, # Parameters or param groups
-                 lr:float=1e-3, # Learning rate
+    def __init__(self, params, # Parameters, named parameters or param groups
+                 lr:float|Tensor=1e-3, # Learning rate (a number or a one-element tensor)
                  betas:tuple=(0.95, 0.99), # Decay of the first and second moment averages
                  eps:float=1e-6, # Added to the de-biased root mean square
                  weight_decay:float=0.01, # Weight decay
@@ -86,23 +116,38 @@ class Ranger(Optimizer):
                  decouple_wd:bool=True, # Decoupled (AdamW) weight decay; `False` for L2 added to the gradient
                  skip_nonfinite:bool=False, # Skip (with a warning) a step whose gradients hold inf or NaN
                  fused:bool|None=None, # Fused kernel for rectified steps: `None` where supported, `False` for foreach ops
+                 maximize:bool=False, # Maximize the objective (step along the gradient)
                 ):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, k=k, lookahead_alpha=alpha,
-                        use_gc=use_gc, decouple_wd=decouple_wd, skip_nonfinite=skip_nonfinite, fused=fused)
+                        use_gc=use_gc, decouple_wd=decouple_wd, skip_nonfinite=skip_nonfinite, fused=fused, maximize=maximize)
         _check_ranger_group(defaults)
         defaults['betas'] = tuple(betas)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group:dict):
-        "Add a param group, checking its hyper-parameters and parameters first"
+        "Add a param group (of parameters or named parameters), checking its hyper-parameters and parameters first"
         g = {**self.defaults, **param_group}
         _check_ranger_group(g)
         ps = param_group['params']
-        param_group = {**param_group, 'params': [ps] if isinstance(ps, Tensor) else list(ps)}
+        if not isinstance(ps, set): param_group = {**param_group, 'params': [ps] if isinstance(ps, Tensor) else list(ps)}
         for p in param_group['params']:
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 else p
+            if not isinstance(p, Tensor): raise TypeError(f"Ranger optimizes tensors, got a parameter of type {type(p).__name__}")
             if not p.is_floating_point(): raise TypeError(f"Ranger needs floating point parameters, got one of dtype {p.dtype} (shape {tuple(p.shape)})")
-            if g['fused'] and not _fused_ok(p): raise ValueError(f"fused=True, but there is no fused Adam kernel for device {p.device}")
+            if g['fused'] and not _has_fused_adam(p.device.type): raise ValueError(f"fused=True, but PyTorch has no fused Adam kernel for device {p.device}")
         super().add_param_group(param_group)
+
+    def __setstate__(self, state:dict):
+        "Restore from a pickle or a `load_state_dict`, giving param groups saved without a hyper-parameter this version has its default"
+        super().__setstate__(state)
+        for k,v in _ranger_defaults().items(): self.defaults.setdefault(k, v)
+        for g in self.param_groups:
+            for k,v in self.defaults.items(): g.setdefault(k, v)
+
+def _ranger_defaults()->dict:
+    "`Ranger`'s default hyper-parameters, keyed as in its param groups"
+    ps = inspect.signature(Ranger.__init__).parameters
+    return {('lookahead_alpha' if k == 'alpha' else k): p.default for k,p in ps.items() if k not in ('self', 'params')}
 
 # %% ../nbs/00_optimizer.ipynb #a7f1323a
 def _params_with_grad(opt:Optimizer)->list:
@@ -121,12 +166,15 @@ def _amp_found_inf(opt)->bool:
     found_inf = getattr(opt, 'found_inf', None)
     return found_inf is not None and bool(found_inf)
 
+_amp_check = getattr(torch, '_amp_foreach_non_finite_check_and_unscale_', None)
+
 def _has_nonfinite(grads:list)->bool:
-    "Whether any tensor in `grads` holds an inf or a NaN (one read of each)"
+    "Whether any tensor in `grads` holds an inf or a NaN (one read of each, by `GradScaler`'s own kernel where this torch has it)"
+    if _amp_check is None: return any(not bool(torch.isfinite(t).all()) for t in grads)
     by_dev = defaultdict(list)
     for t in grads: by_dev[t.device].append(t)
     found = [torch.zeros(1, device=d) for d in by_dev]
-    for f,(d,ts) in zip(found, by_dev.items()): torch._amp_foreach_non_finite_check_and_unscale_(ts, f, torch.ones(1, device=d))
+    for f,(d,ts) in zip(found, by_dev.items()): _amp_check(ts, f, torch.ones(1, device=d))
     return any(bool(f) for f in found)
 
 # %% ../nbs/00_optimizer.ipynb #3bac14af
@@ -150,38 +198,57 @@ def _lookahead_sync(fast:list, # Fast weights (the parameters)
     torch._foreach_copy_(fast, slow)
 
 # %% ../nbs/00_optimizer.ipynb #819d8155
+def _fused_update(ps, grads, ms, vs, g:dict, step:int, rect:float, wd:float, grad_scale:Tensor|None):
+    "A rectified step through torch's functional fused Adam (AdamW for decoupled decay), with learning rate `lr*rect`"
+    lr, (b1, b2), decouple = float(g['lr']), g['betas'], g['decouple_wd']
+    steps = list(torch.full((len(ps),), step-1., device=ps[0].device).unbind())  # torch's Adam adds 1 to each before use
+    (adamw if decouple else adam)(ps, grads, ms, vs, [], steps, fused=True, grad_scale=grad_scale, amsgrad=False, beta1=b1, beta2=b2,
+                                  lr=lr*rect, weight_decay=wd/rect if decouple else wd, eps=g['eps'], maximize=g['maximize'])
+
+def _foreach_update(ps, grads, ms, vs, g:dict, step:int, rect:float|None, wd:float, grad_scale:Tensor|None):
+    "A Ranger step with `torch._foreach_*` ops: the de-biased momentum step while `rect` is `None`, else the rectified one"
+    lr, (b1, b2), eps = float(g['lr']), g['betas'], g['eps']
+    if grad_scale is not None: grads = torch._foreach_div(grads, grad_scale)
+    if g['maximize']: grads = torch._foreach_neg(grads)
+    if wd and g['decouple_wd']: torch._foreach_mul_(ps, 1 - lr*wd)
+    elif wd: grads = torch._foreach_add(grads, ps, alpha=wd)
+    torch._foreach_lerp_(ms, grads, 1-b1)
+    torch._foreach_mul_(vs, b2)
+    torch._foreach_addcmul_(vs, grads, grads, value=1-b2)
+    bc1 = 1 - b1**step
+    if rect is None: return torch._foreach_add_(ps, ms, alpha=-lr/bc1)
+    denom = torch._foreach_div(vs, 1 - b2**step)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(ps, ms, denom, value=-lr*rect/bc1)
+
 def _update(opt:Ranger, g:dict, ps:list, step:int, do_wd:bool, grad_scale:Tensor|None):
     "One Ranger step for parameters `ps` of group `g`, all at `step`, on one device, of one dtype"
     st = [opt.state[p] for p in ps]
     grads, ms, vs = [p.grad for p in ps], [s['exp_avg'] for s in st], [s['exp_avg_sq'] for s in st]
-    lr, (b1, b2), eps, decouple = float(g['lr']), g['betas'], g['eps'], g['decouple_wd']
-    wd = g['weight_decay'] if do_wd else 0.
-    dev = ps[0].device
-    if grad_scale is not None: grad_scale = grad_scale.to(dev)
     if g['use_gc']: grads = _centralize(grads, 1 if g['use_gc'] is True else 3)
-    rect = _rectifier(step, b2)
-    if rect is not None and g['fused'] is not False and _fused_ok(ps[0]):
-        kernel = torch._fused_adamw_ if decouple else torch._fused_adam_
-        kernel(ps, grads, ms, vs, [], [torch.tensor(float(step), device=dev)]*len(ps), lr=lr*rect, beta1=b1, beta2=b2,
-               weight_decay=wd/rect if decouple else wd, eps=eps, amsgrad=False, maximize=False, grad_scale=grad_scale, found_inf=None)
-    else:
-        if grad_scale is not None: grads = torch._foreach_div(grads, grad_scale)
-        if wd and decouple: torch._foreach_mul_(ps, 1 - lr*wd)
-        elif wd: grads = torch._foreach_add(grads, ps, alpha=wd)
-        torch._foreach_lerp_(ms, grads, 1-b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, grads, grads, value=1-b2)
-        bc1 = 1 - b1**step
-        if rect is None: torch._foreach_add_(ps, ms, alpha=-lr/bc1)
-        else:
-            denom = torch._foreach_div(vs, 1 - b2**step)
-            torch._foreach_sqrt_(denom)
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(ps, ms, denom, value=-lr*rect/bc1)
+    if grad_scale is not None: grad_scale = grad_scale.to(ps[0].device)
+    wd, rect = g['weight_decay'] if do_wd else 0., _rectifier(step, g['betas'][1])
+    fuse = rect is not None and g['fused'] is not False and _has_fused_adam(ps[0].device.type)
+    on = [fuse and _fusable(*ts) for ts in zip(ps, grads, ms, vs)]
+    for fused in (True, False):
+        idx = [i for i,o in enumerate(on) if o is fused]
+        if idx: (_fused_update if fused else _foreach_update)(*([t[i] for i in idx] for t in (ps, grads, ms, vs)), g, step, rect, wd, grad_scale)
     for s in st: s['step'] = step
     if step % g['k'] == 0: _lookahead_sync(ps, [s['lookahead_slow'] for s in st], g['lookahead_alpha'])
 
 # %% ../nbs/00_optimizer.ipynb #58855af8
+@torch.compiler.disable
+def _ranger_step(opt:Ranger):
+    "Check, then update every parameter with a gradient (left to run eagerly by `torch.compile`: see below)"
+    groups = _params_with_grad(opt)
+    if not groups or _amp_found_inf(opt): return
+    if _has_nonfinite([p.grad for g,ps in groups if g['skip_nonfinite'] for p in ps]):
+        return warnings.warn("Ranger skipped a step: the gradients hold inf or NaN (skip_nonfinite=True); weights and state are unchanged")
+    grad_scale = getattr(opt, 'grad_scale', None)
+    for g,ps in groups:
+        for (_,_,step,do_wd),bucket in _buckets(opt, ps).items(): _update(opt, g, bucket, step, do_wd, grad_scale)
+
 @patch
 @torch.no_grad()
 def step(self:Ranger, closure=None):
@@ -189,14 +256,7 @@ def step(self:Ranger, closure=None):
     loss = None
     if closure is not None:
         with torch.enable_grad(): loss = closure()
-    groups = _params_with_grad(self)
-    if not groups or _amp_found_inf(self): return loss
-    if _has_nonfinite([p.grad for g,ps in groups if g['skip_nonfinite'] for p in ps]):
-        warnings.warn("Ranger skipped a step: the gradients hold inf or NaN (skip_nonfinite=True); weights and state are unchanged")
-        return loss
-    grad_scale = getattr(self, 'grad_scale', None)
-    for g,ps in groups:
-        for (_,_,step,do_wd),bucket in _buckets(self, ps).items(): _update(self, g, bucket, step, do_wd, grad_scale)
+    _ranger_step(self)
     return loss
 
 # %% ../nbs/00_optimizer.ipynb #b8e0b833
@@ -212,10 +272,20 @@ class TorchLookahead(Optimizer):
         _check_lookahead(k, alpha)
         for g in optimizer.param_groups: _check_lookahead(g.get('k', k), g.get('lookahead_alpha', alpha))
         for g in optimizer.param_groups: g.setdefault('k', k); g.setdefault('lookahead_alpha', alpha)
-        self.optimizer, self.defaults = optimizer, {**optimizer.defaults, 'k': k, 'lookahead_alpha': alpha}
+        self.__setstate__(dict(optimizer=optimizer, defaults={**optimizer.defaults, 'k': k, 'lookahead_alpha': alpha}))
+
+    def __getstate__(self): return dict(optimizer=self.optimizer, defaults=self.defaults)
+    def __setstate__(self, state:dict):
+        "Set up as torch restores an optimizer (hooks, profiling); the wrapped optimizer takes `state` and `param_groups`"
+        state = dict(state)
+        inner = {k: state.pop(k) for k in ('state', 'param_groups') if k in state}
+        super().__setstate__(state)
+        if inner: self.optimizer.__setstate__(inner)
 
     @property
     def param_groups(self): return self.optimizer.param_groups
+    @param_groups.setter
+    def param_groups(self, v): self.optimizer.param_groups = v
     @property
     def state(self): return self.optimizer.state
     @state.setter
@@ -230,32 +300,40 @@ class TorchLookahead(Optimizer):
         self.optimizer.add_param_group(g)
 
     def zero_grad(self, set_to_none:bool=True): self.optimizer.zero_grad(set_to_none)
-    def state_dict(self): return self.optimizer.state_dict()
-    def load_state_dict(self, state_dict): self.optimizer.load_state_dict(state_dict)
     def __repr__(self): return f"TorchLookahead({self.optimizer!r})"
 
 # %% ../nbs/00_optimizer.ipynb #ea3cd7dc
+@torch.compiler.disable
+def _lookahead_start(opt:TorchLookahead)->dict:
+    "Check the Lookahead hypers; copies of the parameters about to get their first update (their slow weights)"
+    for g in opt.param_groups: _check_lookahead(g['k'], g['lookahead_alpha'])
+    return {p: p.detach().clone() for g in opt.param_groups for p in g['params'] if p.requires_grad and 'lookahead_slow' not in opt.state.get(p, {})}
+
+@torch.compiler.disable
+def _lookahead_after(opt:TorchLookahead, slow0:dict):
+    "Count the step of every parameter with a gradient and synchronise those at their `k`-th"
+    for g in opt.param_groups:
+        due = []
+        for p in (p for p in g['params'] if p.grad is not None):
+            st = opt.state[p]
+            if p in slow0: st.update(lookahead_slow=slow0[p], lookahead_step=0)
+            st['lookahead_step'] += 1
+            if st['lookahead_step'] % g['k'] == 0: due.append(p)
+        if due: _lookahead_sync(due, [opt.state[p]['lookahead_slow'] for p in due], g['lookahead_alpha'])
+
 @patch
 @torch.no_grad()
 def step(self:TorchLookahead, closure=None):
     "Step the wrapped optimizer, then synchronise the parameters at their `k`-th step"
-    for g in self.param_groups: _check_lookahead(g['k'], g['lookahead_alpha'])
     if _amp_found_inf(self): return None
-    slow0 = {p: p.detach().clone() for g in self.param_groups for p in g['params'] if p.requires_grad and 'lookahead_slow' not in self.state.get(p, {})}
+    slow0 = _lookahead_start(self)
     amp = {a: getattr(self, a) for a in ('grad_scale', 'found_inf') if hasattr(self, a)}
     for a,v in amp.items(): setattr(self.optimizer, a, v)
     try:
         with torch.enable_grad(): loss = self.optimizer.step(closure)
     finally:
         for a in amp: delattr(self.optimizer, a)
-    for g in self.param_groups:
-        due = []
-        for p in (p for p in g['params'] if p.grad is not None):
-            st = self.state[p]
-            if p in slow0: st.update(lookahead_slow=slow0[p], lookahead_step=0)
-            st['lookahead_step'] += 1
-            if st['lookahead_step'] % g['k'] == 0: due.append(p)
-        if due: _lookahead_sync(due, [self.state[p]['lookahead_slow'] for p in due], g['lookahead_alpha'])
+    _lookahead_after(self, slow0)
     return loss
 
 # %% ../nbs/00_optimizer.ipynb #0c4c992e
