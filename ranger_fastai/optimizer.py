@@ -56,8 +56,7 @@ def _check_lr(lr):
     "Raise a clear error naming `lr` unless it is a non-negative number or a one-element tensor holding one"
     if isinstance(lr, Tensor):
         if lr.numel() != 1: raise ValueError(f"Invalid lr: a tensor lr must hold one element, got one of shape {tuple(lr.shape)}")
-        if not (lr.is_floating_point() or torch.compiler.is_compiling()): raise TypeError(f"Invalid lr={lr!r}: expected a floating point tensor")
-        if torch.compiler.is_compiling(): return
+        if not lr.is_floating_point(): raise TypeError(f"Invalid lr={lr!r}: expected a floating point tensor")
         lr = lr.item()
     _check_range('lr', lr, 0, math.inf, hi_open=True)
 
@@ -240,7 +239,7 @@ def _update(opt:Ranger, g:dict, ps:list, step:int, do_wd:bool, grad_scale:Tensor
 # %% ../nbs/00_optimizer.ipynb #58855af8
 @torch.compiler.disable
 def _ranger_step(opt:Ranger):
-    "Check, then update every parameter with a gradient (left to run eagerly by `torch.compile`: see below)"
+    "Check, then update every parameter with a gradient (run eagerly under `torch.compile`)"
     groups = _params_with_grad(opt)
     if not groups or _amp_found_inf(opt): return
     if _has_nonfinite([p.grad for g,ps in groups if g['skip_nonfinite'] for p in ps]):
