@@ -95,10 +95,10 @@ def _dense(t:Tensor)->bool:
         expected *= size
     return True
 
-def _fusable(p:Tensor, *others:Tensor)->bool:
-    "Whether a fused kernel, which walks memory in order, updates `p` correctly from `others` (gradient and moments)"
-    if p.is_contiguous() and all(o.is_contiguous() for o in others): return True
-    return _dense(p) and all(o.stride() == p.stride() for o in others)
+def _fusable(p:Tensor, g:Tensor, m:Tensor, v:Tensor)->bool:
+    "Whether a fused kernel, which walks memory in order, updates `p` correctly from its gradient `g` and moments `m`, `v`"
+    if p.is_contiguous() and g.is_contiguous() and m.is_contiguous() and v.is_contiguous(): return True
+    return _dense(p) and p.stride() == g.stride() == m.stride() == v.stride()
 
 # %% ../nbs/00_optimizer.ipynb #7d819353
 class Ranger(Optimizer):
@@ -197,10 +197,20 @@ def _lookahead_sync(fast:list, # Fast weights (the parameters)
     torch._foreach_copy_(fast, slow)
 
 # %% ../nbs/00_optimizer.ipynb #819d8155
-def _fused_update(ps, grads, ms, vs, g:dict, step:int, rect:float, wd:float, grad_scale:Tensor|None):
+def _step_counters(opt:Ranger, n:int, device, value:float)->list:
+    "`n` separate float32 step counters on `device` holding `value`, kept by `opt` between steps"
+    cache = opt.__dict__.setdefault('_step_counters', {})   # not in pickles or state dicts: torch pickles only state and groups
+    if (device, n) not in cache:
+        base = torch.empty(n, device=device)
+        cache[device, n] = base, list(base.unbind())
+    base, counters = cache[device, n]
+    base.fill_(value)
+    return counters
+
+def _fused_update(ps, grads, ms, vs, g:dict, step:int, rect:float, wd:float, grad_scale:Tensor|None, opt:Ranger):
     "A rectified step through torch's functional fused Adam (AdamW for decoupled decay), with learning rate `lr*rect`"
     lr, (b1, b2), decouple = float(g['lr']), g['betas'], g['decouple_wd']
-    steps = list(torch.full((len(ps),), step-1., device=ps[0].device).unbind())  # torch's Adam adds 1 to each before use
+    steps = _step_counters(opt, len(ps), ps[0].device, step-1.)   # torch's Adam adds 1 to each before use
     (adamw if decouple else adam)(ps, grads, ms, vs, [], steps, fused=True, grad_scale=grad_scale, amsgrad=False, beta1=b1, beta2=b2,
                                   lr=lr*rect, weight_decay=wd/rect if decouple else wd, eps=g['eps'], maximize=g['maximize'])
 
@@ -232,7 +242,10 @@ def _update(opt:Ranger, g:dict, ps:list, step:int, do_wd:bool, grad_scale:Tensor
     on = [fuse and _fusable(*ts) for ts in zip(ps, grads, ms, vs)]
     for fused in (True, False):
         idx = [i for i,o in enumerate(on) if o is fused]
-        if idx: (_fused_update if fused else _foreach_update)(*([t[i] for i in idx] for t in (ps, grads, ms, vs)), g, step, rect, wd, grad_scale)
+        if not idx: continue
+        args = *([t[i] for i in idx] for t in (ps, grads, ms, vs)), g, step, rect, wd, grad_scale
+        if fused: _fused_update(*args, opt)
+        else: _foreach_update(*args)
     for s in st: s['step'] = step
     if step % g['k'] == 0: _lookahead_sync(ps, [s['lookahead_slow'] for s in st], g['lookahead_alpha'])
 
