@@ -207,12 +207,27 @@ def _step_counters(opt:Ranger, n:int, device, value:float)->list:
     base.fill_(value)
     return counters
 
+_KERNEL_ARGS = ['self', 'grads', 'exp_avgs', 'exp_avg_sqs', 'max_exp_avg_sqs', 'state_steps', 'lr', 'beta1', 'beta2',
+                'weight_decay', 'eps', 'amsgrad', 'maximize', 'grad_scale', 'found_inf']
+
+def _fused_kernels()->tuple|None:
+    "torch's fused Adam and AdamW kernels if their arguments are the ones `_fused_update` passes, else `None`"
+    try: ops = torch.ops.aten._fused_adam_.default, torch.ops.aten._fused_adamw_.default
+    except (AttributeError, RuntimeError): return None
+    if any([a.name for a in op._schema.arguments] != _KERNEL_ARGS for op in ops): return None
+    return torch._fused_adam_, torch._fused_adamw_
+
+_kernels = _fused_kernels()
+
 def _fused_update(ps, grads, ms, vs, g:dict, step:int, rect:float, wd:float, grad_scale:Tensor|None, opt:Ranger):
-    "A rectified step through torch's functional fused Adam (AdamW for decoupled decay), with learning rate `lr*rect`"
+    "A rectified step as one fused Adam (AdamW for decoupled decay) step with learning rate `lr*rect`"
     lr, (b1, b2), decouple = float(g['lr']), g['betas'], g['decouple_wd']
-    steps = _step_counters(opt, len(ps), ps[0].device, step-1.)   # torch's Adam adds 1 to each before use
-    (adamw if decouple else adam)(ps, grads, ms, vs, [], steps, fused=True, grad_scale=grad_scale, amsgrad=False, beta1=b1, beta2=b2,
-                                  lr=lr*rect, weight_decay=wd/rect if decouple else wd, eps=g['eps'], maximize=g['maximize'])
+    kw = dict(lr=lr*rect, beta1=b1, beta2=b2, weight_decay=wd/rect if decouple else wd, eps=g['eps'], maximize=g['maximize'],
+              grad_scale=grad_scale, amsgrad=False)
+    if _kernels is not None:   # the kernel reads the step count: one tensor serves all
+        return _kernels[decouple](ps, grads, ms, vs, [], [torch.tensor(float(step), device=ps[0].device)]*len(ps), found_inf=None, **kw)
+    steps = _step_counters(opt, len(ps), ps[0].device, step-1.)   # torch's functional Adam adds 1 to each before use
+    (adamw if decouple else adam)(ps, grads, ms, vs, [], steps, fused=True, **kw)
 
 def _foreach_update(ps, grads, ms, vs, g:dict, step:int, rect:float|None, wd:float, grad_scale:Tensor|None):
     "A Ranger step with `torch._foreach_*` ops: the de-biased momentum step while `rect` is `None`, else the rectified one"

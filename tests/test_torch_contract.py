@@ -299,3 +299,15 @@ def test_private_torch_calls_still_exist_and_agree_with_fallbacks():
         assert fast == slow
     assert [rmod._has_nonfinite(c) for c in cases] == [True, False, True]
     assert rmod._has_fused_adam('cpu') and not rmod._has_fused_adam('meta')
+    assert rmod._kernels == (torch._fused_adam_, torch._fused_adamw_)   # the fused kernels' arguments are the expected ones
+
+@pytest.mark.parametrize('device', DEVICES)
+@pytest.mark.parametrize('decouple_wd', [True, False])
+def test_fused_kernel_call_equals_torch_functional_fused_adam(decouple_wd, device):
+    "The direct kernel call and its fallback, torch's public functional Adam with `fused=True`, give the same steps"
+    runs = []
+    for kernels in (rmod._kernels, None):
+        m = _model(device); o = Ranger(m.parameters(), lr=1e-2, k=5, decouple_wd=decouple_wd)
+        with mock.patch.object(rmod, '_kernels', kernels): _train(m, o, 12)
+        runs.append(_flat(m))
+    assert torch.equal(*runs)
