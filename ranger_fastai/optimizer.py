@@ -212,10 +212,11 @@ _KERNEL_ARGS = ['self', 'grads', 'exp_avgs', 'exp_avg_sqs', 'max_exp_avg_sqs', '
 
 def _fused_kernels()->tuple|None:
     "torch's fused Adam and AdamW kernels if their arguments are the ones `_fused_update` passes, else `None`"
-    try: ops = torch.ops.aten._fused_adam_.default, torch.ops.aten._fused_adamw_.default
+    try:
+        ops = torch.ops.aten._fused_adam_.default, torch.ops.aten._fused_adamw_.default
+        if any([a.name for a in op._schema.arguments] != _KERNEL_ARGS for op in ops): return None
+        return torch._fused_adam_, torch._fused_adamw_
     except (AttributeError, RuntimeError): return None
-    if any([a.name for a in op._schema.arguments] != _KERNEL_ARGS for op in ops): return None
-    return torch._fused_adam_, torch._fused_adamw_
 
 _kernels = _fused_kernels()
 
