@@ -201,7 +201,7 @@ def _step_counters(opt:Ranger, n:int, device, value:float)->list:
     "`n` separate float32 step counters on `device` holding `value`, kept by `opt` between steps"
     cache = opt.__dict__.setdefault('_step_counters', {})   # not in pickles or state dicts: torch pickles only state and groups
     if (device, n) not in cache:
-        base = torch.empty(n, device=device)
+        base = torch.empty(n, device=device, dtype=torch.float32)   # fused kernels read float32 step counts
         cache[device, n] = base, list(base.unbind())
     base, counters = cache[device, n]
     base.fill_(value)
@@ -226,7 +226,7 @@ def _fused_update(ps, grads, ms, vs, g:dict, step:int, rect:float, wd:float, gra
     kw = dict(lr=lr*rect, beta1=b1, beta2=b2, weight_decay=wd/rect if decouple else wd, eps=g['eps'], maximize=g['maximize'],
               grad_scale=grad_scale, amsgrad=False)
     if _kernels is not None:   # the kernel reads the step count: one tensor serves all
-        return _kernels[decouple](ps, grads, ms, vs, [], [torch.tensor(float(step), device=ps[0].device)]*len(ps), found_inf=None, **kw)
+        return _kernels[decouple](ps, grads, ms, vs, [], [torch.tensor(float(step), device=ps[0].device, dtype=torch.float32)]*len(ps), found_inf=None, **kw)
     steps = _step_counters(opt, len(ps), ps[0].device, step-1.)   # torch's functional Adam adds 1 to each before use
     (adamw if decouple else adam)(ps, grads, ms, vs, [], steps, fused=True, **kw)
 
@@ -300,15 +300,9 @@ class TorchLookahead(Optimizer):
         _check_lookahead(k, alpha)
         for g in optimizer.param_groups: _check_lookahead(g.get('k', k), g.get('lookahead_alpha', alpha))
         for g in optimizer.param_groups: g.setdefault('k', k); g.setdefault('lookahead_alpha', alpha)
-        self.__setstate__(dict(optimizer=optimizer, defaults={**optimizer.defaults, 'k': k, 'lookahead_alpha': alpha}))
+        super().__setstate__(dict(optimizer=optimizer, defaults={**optimizer.defaults, 'k': k, 'lookahead_alpha': alpha}))   # torch's restore path: hooks, profiling
 
     def __getstate__(self): return dict(optimizer=self.optimizer, defaults=self.defaults)
-    def __setstate__(self, state:dict):
-        "Set up as torch restores an optimizer (hooks, profiling); the wrapped optimizer takes `state` and `param_groups`"
-        state = dict(state)
-        inner = {k: state.pop(k) for k in ('state', 'param_groups') if k in state}
-        super().__setstate__(state)
-        if inner: self.optimizer.__setstate__(inner)
 
     @property
     def param_groups(self): return self.optimizer.param_groups
@@ -328,6 +322,20 @@ class TorchLookahead(Optimizer):
         self.optimizer.add_param_group(g)
 
     def zero_grad(self, set_to_none:bool=True): self.optimizer.zero_grad(set_to_none)
+    def state_dict(self): return self.optimizer.state_dict()
+    def load_state_dict(self, state_dict:dict): self.optimizer.load_state_dict(state_dict)
+    def register_state_dict_pre_hook(self, hook, prepend=False):
+        "Run `hook(self)` before the wrapped optimizer's `state_dict`"
+        return self.optimizer.register_state_dict_pre_hook(lambda _: hook(self), prepend)
+    def register_state_dict_post_hook(self, hook, prepend=False):
+        "Run `hook(self, state_dict)` after the wrapped optimizer's `state_dict`"
+        return self.optimizer.register_state_dict_post_hook(lambda _, sd: hook(self, sd), prepend)
+    def register_load_state_dict_pre_hook(self, hook, prepend=False):
+        "Run `hook(self, state_dict)` before the wrapped optimizer's `load_state_dict`"
+        return self.optimizer.register_load_state_dict_pre_hook(lambda _, sd: hook(self, sd), prepend)
+    def register_load_state_dict_post_hook(self, hook, prepend=False):
+        "Run `hook(self)` after the wrapped optimizer's `load_state_dict`"
+        return self.optimizer.register_load_state_dict_post_hook(lambda _: hook(self), prepend)
     def __repr__(self): return f"TorchLookahead({self.optimizer!r})"
 
 # %% ../nbs/00_optimizer.ipynb #ea3cd7dc

@@ -97,6 +97,16 @@ def test_copy_then_continue_identical(make_opt, how, device):
 
 # --- hooks ----------------------------------------------------------------------------------------
 
+def test_lookahead_runs_the_wrapped_optimizers_own_state_dict():
+    "A wrapped optimizer with its own `state_dict`/`load_state_dict` (as ZeroRedundancyOptimizer) keeps them"
+    class Counting(torch.optim.SGD):
+        calls = []
+        def state_dict(self): self.calls.append('sd'); return super().state_dict()
+        def load_state_dict(self, sd): self.calls.append('load'); super().load_state_dict(sd)
+    m = _model('cpu'); o = TorchLookahead(Counting(m.parameters(), lr=1e-2))
+    _train(m, o, 2); o.load_state_dict(o.state_dict())
+    assert Counting.calls == ['sd', 'load']
+
 def test_step_and_state_dict_hooks(make_opt):
     m = _model('cpu'); o = make_opt(m.parameters())
     calls = []
@@ -175,10 +185,14 @@ def _transposed(dev):
 def _channels_last(dev):
     w = torch.randn(4, 3, 3, 3, device=dev).contiguous(memory_format=torch.channels_last)
     return None, nn.Parameter(w), lambda g: g.contiguous(memory_format=torch.channels_last)
+def _permuted(dev):
+    base = torch.randn(3, 4, 5, device=dev)
+    return base, nn.Parameter(base.permute(2, 0, 1)), lambda g: torch.empty_like(base.permute(2, 0, 1)).copy_(g)   # same strides
 def _zero_size(dev): return None, nn.Parameter(torch.zeros(0, 3, device=dev)), None
 def _zero_dim(dev): return None, nn.Parameter(torch.tensor(0.5, device=dev)), None
 
 LAYOUTS = {'strided': (_strided, False), 'transposed': (_transposed, False), 'channels_last': (_channels_last, True),
+           'permuted': (_permuted, True),
            'zero_size': (_zero_size, True), 'zero_dim': (_zero_dim, True)}
 
 def _layout_run(make, device, steps=12, **kw):
@@ -207,7 +221,7 @@ def test_layouts_default_equals_foreach_and_base_untouched(layout, device):
     if base is not None:
         keep = torch.ones_like(base, dtype=torch.bool)
         if layout == 'strided': keep[..., 0] = False
-        else: keep[:] = False
+        else: keep[:] = False   # the parameter is a view of all of its base
         assert torch.equal(base[keep], base0[keep])   # nothing outside the parameter was written
 
 # --- dtypes ---------------------------------------------------------------------------------------
@@ -305,9 +319,25 @@ def test_private_torch_calls_still_exist_and_agree_with_fallbacks():
 @pytest.mark.parametrize('decouple_wd', [True, False])
 def test_fused_kernel_call_equals_torch_functional_fused_adam(decouple_wd, device):
     "The direct kernel call and its fallback, torch's public functional Adam with `fused=True`, give the same steps"
-    runs = []
+    runs, fn = [], 'adamw' if decouple_wd else 'adam'
     for kernels in (rmod._kernels, None):
         m = _model(device); o = Ranger(m.parameters(), lr=1e-2, k=5, decouple_wd=decouple_wd)
-        with mock.patch.object(rmod, '_kernels', kernels): _train(m, o, 12)
+        with mock.patch.object(rmod, '_kernels', kernels), mock.patch.object(rmod, fn, wraps=getattr(rmod, fn)) as functional:
+            _train(m, o, 12)
+        assert functional.called == (kernels is None)
         runs.append(_flat(m))
     assert torch.equal(*runs)
+
+def test_fused_step_counts_are_float32_whatever_the_default_dtype():
+    "Fused kernels read float32 step counts (on CUDA as raw memory): they must not follow `torch.set_default_dtype`"
+    seen = []
+    kernels = tuple(lambda *a, _k=k, **kw: (seen.append(a[5][0].dtype), _k(*a, **kw)) for k in rmod._kernels)
+    old = torch.get_default_dtype(); torch.set_default_dtype(torch.float64)
+    try:
+        for ks in (kernels, None):
+            p = nn.Parameter(torch.ones(3, dtype=torch.float32)); o = Ranger([p], lr=1e-2)
+            with mock.patch.object(rmod, '_kernels', ks), mock.patch.object(rmod, 'adamw', wraps=rmod.adamw) as f:
+                for _ in range(7): p.grad = torch.ones_like(p); o.step()
+            if ks is None: seen.append(f.call_args.args[5][0].dtype)
+    finally: torch.set_default_dtype(old)
+    assert seen and set(seen) == {torch.float32}
