@@ -23,8 +23,7 @@ from fastai.callback.schedule import fit_flat_cos # adds `Learner.fit_flat_cos`
 from fastai.callback.progress import ProgressCallback
 from .optimizer import ranger
 from .metrics import MeanIoU
-from .losses import Discriminator
-import ranger_fastai.distill # adds `Learner.distill`
+from .distill import Critic # and `Learner.distill`
 from .data import digits_dls, digit_scenes_dls, image_folder_dls, camvid_dls
 
 # %% auto #0
@@ -195,9 +194,7 @@ def _student(dls, w, seed, teacher, terms, weights, T, pairs, pool, d_lr, cbs, b
     _seed(dls, seed)
     learn = _learner(dls, SegNet(n_classes, w, dls.one_batch()[0].shape[1]), MeanIoU(n_classes), ranger, cbs, bar)
     if terms:
-        disc = Discriminator(n_classes, nf=16, n_layers=3, attn_layers=(2,)) if 'ho' in terms else None
-        learn.distill(teacher, pairs=pairs if 'pa' in terms else None, holistic='ho' in terms, discriminator=disc,
-                      disc_kwargs=dict(lr=d_lr), T=T, pool=pool,
+        learn.distill(teacher, pairs=pairs if 'pa' in terms else None, holistic='ho' in terms, critic=Critic(lr=d_lr) if 'ho' in terms else None, T=T, pool=pool,
                       **{f'{k}_weight': (weights[k] if k in terms else 0.) for k in ('pi', 'pa', 'ho')})
     return learn
 

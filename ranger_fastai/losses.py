@@ -15,7 +15,7 @@ from fastai.layers import ConvLayer, NormType, SelfAttention
 from fastcore.basics import store_attr
 
 # %% auto #0
-__all__ = ['pixel_wise_loss', 'pair_wise_loss', 'Discriminator', 'wgan_gp_loss', 'hinge_loss', 'generator_loss']
+__all__ = ['pixel_wise_loss', 'pair_wise_loss', 'Discriminator', 'wgan_gp_loss', 'critic_for', 'hinge_loss', 'generator_loss']
 
 # %% ../nbs/01_losses.ipynb #dd63d848
 def _no_autocast(t:Tensor):
@@ -167,17 +167,19 @@ class Discriminator(Module):
                  n_layers:int=4, # Number of 4x4 stride-2 convolutions
                  attn_layers:tuple=(2, 3), # 0-based indices of the convolutions followed by self-attention
                  slope:float=0.1, # Negative slope of the LeakyReLU
+                 pool:int=1, # Average-pool the maps (and size the image) by this factor first: a cheaper critic for large maps
+                 spectral:bool=True, # Spectral normalisation of the convolutions (bounds the critic's gradient: pair it with the hinge loss)
                 ):
-        for name, v, lo in (('n_classes', n_classes, 1), ('img_channels', img_channels, 0), ('nf', nf, 1), ('n_layers', n_layers, 1)):
+        for name, v, lo in (('n_classes', n_classes, 1), ('img_channels', img_channels, 0), ('nf', nf, 1), ('n_layers', n_layers, 1), ('pool', pool, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"Discriminator needs an integer {name} >= {lo}, got {name}={v!r}")
         attn_layers = tuple(attn_layers)
         if any(i not in range(n_layers) for i in attn_layers):
             raise ValueError(f"Discriminator: attn_layers={attn_layers} must be indices in range(n_layers={n_layers})")
-        store_attr('n_classes,img_channels,n_layers,attn_layers')
+        store_attr('n_classes,img_channels,n_layers,attn_layers,pool')
         act = partial(nn.LeakyReLU, negative_slope=slope)
         layers, ni = [], n_classes + img_channels
         for i in range(n_layers):
-            layers.append(ConvLayer(ni, nf*2**i, ks=4, stride=2, padding=1, norm_type=NormType.Spectral, act_cls=act))
+            layers.append(ConvLayer(ni, nf*2**i, ks=4, stride=2, padding=1, norm_type=NormType.Spectral if spectral else None, act_cls=act))
             if i in attn_layers: layers.append(SelfAttention(nf*2**i))
             ni = nf*2**i
         self.body = nn.Sequential(*layers)
@@ -190,12 +192,13 @@ class Discriminator(Module):
     @property
     def min_size(self)->int:
         "Smallest map height/width this discriminator accepts"
-        return 2**self.n_layers
+        return self.pool * 2**self.n_layers
 
     def forward(self, maps:Tensor, # Class probabilities (N, n_classes, h, w)
                 img:Tensor|None=None, # Images (N, img_channels, H, W), resized to (h, w); required iff `img_channels > 0`
                )->Tensor:
         self._check(maps, img)
+        if self.pool > 1: maps = F.avg_pool2d(maps, self.pool, ceil_mode=True)
         if self.img_channels:
             img = img.to(maps.dtype)
             if img.shape[-2:] != maps.shape[-2:]: img = F.interpolate(img, size=maps.shape[-2:], mode='bilinear', antialias=True)
@@ -207,8 +210,8 @@ class Discriminator(Module):
         if maps.ndim != 4 or maps.shape[1] != self.n_classes:
             raise ValueError(f"Discriminator(n_classes={self.n_classes}) needs maps (N, {self.n_classes}, h, w), got {_shape(maps)}")
         if min(maps.shape[-2:]) < self.min_size:
-            raise ValueError(f"Discriminator(n_layers={self.n_layers}) needs maps of at least {self.min_size}x{self.min_size}, got "
-                             f"{tuple(maps.shape[-2:])}: use n_layers <= {max(min(maps.shape[-2:]).bit_length()-1, 0)} for maps this small")
+            raise ValueError(f"Discriminator(n_layers={self.n_layers}, pool={self.pool}) needs maps of at least {self.min_size}x{self.min_size}, got "
+                             f"{tuple(maps.shape[-2:])}: use n_layers <= {max((min(maps.shape[-2:])//self.pool).bit_length()-1, 0)} for maps this small")
         if (img is None) != (self.img_channels == 0):
             raise ValueError(f"Discriminator(img_channels={self.img_channels}): "
                              + ("pass the images as `img`" if img is None else "got `img` but it scores maps alone"))
@@ -226,11 +229,15 @@ def _scores(D, x:Tensor, img:Tensor|None, k:int=1)->Tensor:
     "`D`'s scores of `x`, paired with `img` repeated `k` times (`x` stacks `k` batches)"
     return D(x) if img is None else D(x, img if k == 1 else torch.cat([img]*k))
 
-def _penalty(scores:Tensor, x:Tensor, scaler=None)->Tensor:
-    "Mean over samples of (||d scores_k / d x_k||_2 - 1)², keeping the graph; through `scaler` when it is enabled"
-    scaling = scaler is not None and scaler.is_enabled()
-    out = scaler.scale(scores.sum()) if scaling else scores.sum()
-    g, = torch.autograd.grad(out, x, create_graph=True)
+def _penalty(D, real:Tensor, fake:Tensor, img:Tensor|None, n:int|None=None, scaler=None)->Tensor:
+    "Mean over `n` interpolates of real and fake maps (`None`: all) of (||d D(x) / d x||_2 - 1)²; differentiable when grad mode is on"
+    real, fake = real[:n].detach(), fake[:n].detach()
+    eps = torch.rand(real.shape[0], *[1]*(real.ndim-1), device=real.device, dtype=real.dtype)
+    scaling, create = scaler is not None and scaler.is_enabled(), torch.is_grad_enabled()
+    with torch.enable_grad():
+        x = (eps*real + (1-eps)*fake).requires_grad_()
+        out = _scores(D, x, None if img is None else img[:n]).float().sum()
+        g, = torch.autograd.grad(scaler.scale(out) if scaling else out, x, create_graph=create)
     g = g.float().flatten(1)
     if scaling: g = g / scaler.get_scale()
     return ((g.square().sum(1) + 1e-12).sqrt() - 1).square().mean()
@@ -241,17 +248,23 @@ def wgan_gp_loss(D:nn.Module, # Critic: `D(maps)` or `D(maps, img)` -> (N,) scor
                  img:Tensor|None=None, # Images paired with the maps
                  gp_weight:float=10., # Weight of the gradient penalty
                  scaler:torch.amp.GradScaler|None=None, # Under AMP: the `GradScaler` (the penalty's gradient is scaled, then unscaled)
+                 gp_samples:int|None=None, # Interpolates for the penalty: the first `gp_samples` of the batch (`None`: all)
                 )->tuple:
     "WGAN-GP critic loss and its (unweighted) gradient penalty"
     _check_real_fake(real, fake)
     if not gp_weight >= 0: raise ValueError(f"wgan_gp_loss needs gp_weight >= 0, got gp_weight={gp_weight!r}")
-    real, fake = real.detach(), fake.detach()
-    eps = torch.rand(real.shape[0], *[1]*(real.ndim-1), device=real.device, dtype=real.dtype)
-    x_hat = (eps*real + (1-eps)*fake).requires_grad_()
-    n = real.shape[0]
-    sr, sf, sx = _scores(D, torch.cat([real, fake, x_hat]), img, 3).float().split(n)
-    penalty = _penalty(sx, x_hat, scaler)
+    sr, sf = _scores(D, torch.cat([real.detach(), fake.detach()]), img, 2).float().split(real.shape[0])
+    penalty = _penalty(D, real, fake, img, gp_samples, scaler)
     return sf.mean() - sr.mean() + gp_weight*penalty, penalty
+
+def critic_for(n_classes:int, # Channels of the maps (classes)
+               size:int, # Shorter side of the maps
+               img_channels:int=3, # Channels of the paired image; 0 to score maps alone
+              )->Discriminator:
+    "A `Discriminator` sized for maps of side `size`: it sees them pooled to at most 16 px, with 3 layers of 16 to 64 channels (fewer layers for smaller maps)"
+    pool = max(1, size // 16)
+    n_layers = max(1, min(3, (size // pool).bit_length() - 2))
+    return Discriminator(n_classes, img_channels, nf=16, n_layers=n_layers, attn_layers=(), pool=pool)
 
 def hinge_loss(D:nn.Module, # Critic: `D(maps)` or `D(maps, img)` -> (N,) scores
                real:Tensor, # Teacher maps (N, C, h, w), detached here

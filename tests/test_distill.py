@@ -1,4 +1,4 @@
-"Longer checks of `DistillationCallback`, `DiscriminatorCallback` and `Learner.distill` in real fastai fits"
+"Longer checks of `DistillationCallback`, its `Critic` and `Learner.distill` in real fastai fits"
 import warnings
 import pytest, torch
 from torch import nn
@@ -12,7 +12,7 @@ from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai.callback.tracker import SaveModelCallback
 from fastai.callback.fp16 import MixedPrecision
 from ranger_fastai.losses import Discriminator, pixel_wise_loss
-from ranger_fastai.distill import DistillationCallback, DiscriminatorCallback, disc_file
+from ranger_fastai.distill import DistillationCallback, Critic, _critic_file
 
 def _seg_dls(n=48, bs=8, size=16, seed=0):
     "Random images with 3 classes per pixel (from the signs of two channels)"
@@ -25,9 +25,9 @@ def _net(w, n_classes=3, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, n_classes, 1))
 
-def _disc(seed=0):
+def _disc(seed=0, spectral=False):
     torch.manual_seed(seed)
-    return Discriminator(3, nf=8, n_layers=2, attn_layers=())
+    return Discriminator(3, nf=8, n_layers=2, attn_layers=(), spectral=spectral)
 
 def _learner(tmp_path='.', **kw): return Learner(_seg_dls(**kw), _net(4), loss_func=CrossEntropyLossFlat(axis=1), path=tmp_path)
 
@@ -54,15 +54,15 @@ def test_three_terms_fit_one_cycle(tmp_path):
     learn = _learner(tmp_path)
     s0 = _params(learn.model)
     probe = _Probe(order=8)
-    dist = DistillationCallback(teacher, pi_weight=1., pa_weight=2., ho_weight=0.1, pairs=[('3', '3'), ('1', '1')])
-    learn.fit_one_cycle(2, 1e-2, cbs=[dist, DiscriminatorCallback(D), probe])
+    dist = DistillationCallback(teacher, pi_weight=1., pa_weight=2., ho_weight=0.1, pairs=[('3', '3'), ('1', '1')], critic=D)
+    learn.fit_one_cycle(2, 1e-2, cbs=[dist, probe])
     assert _same(t0, teacher.parameters()) and all(p.grad is None for p in teacher.parameters())
     assert teacher.training  # its mode before the fit is restored
     assert not _same(d0, D.parameters()) and not _same(s0, learn.model.parameters())
     names = learn.recorder.metric_names
     for ph in ('train', 'valid'):
         for k in ('pi', 'pa', 'ho', 'total'): assert f'{ph}_{k}_loss' in names
-    assert 'train_d_loss' in names and learn.metrics == []
+    assert {'train_w_dist', 'train_gp', 'valid_w_dist', 'valid_gp', 'train_ho_loss'} <= set(names) and learn.metrics == []
     vals = dict(zip(names[1:], learn.recorder.values[-1]))
     assert all(v is not None for v in vals.values())
     # the logged loss is the task loss; loss_grad (what is back-propagated) is the whole objective
@@ -114,10 +114,10 @@ def test_teacher_sees_the_students_inputs_just_before_it(tmp_path):
 def test_teacher_learner_fit_flat_cos_and_lr_find(tmp_path):
     tlearn = Learner(_seg_dls(), _net(16, seed=1), loss_func=CrossEntropyLossFlat(axis=1))
     learn = _learner(tmp_path)
-    learn.add_cbs([DistillationCallback(tlearn, pairs=[('3', '3')], pool=2), DiscriminatorCallback(_disc())])
-    s0, d0 = _params(learn.model), _params(learn.discriminator.discriminator)
+    learn.add_cbs(DistillationCallback(tlearn, pairs=[('3', '3')], pool=2, critic=_disc()))
+    s0, d0 = _params(learn.model), _params(learn.distillation.critic.discriminator)
     learn.lr_find(num_it=5, show_plot=False)
-    assert _same(s0, learn.model.parameters()) and _same(d0, learn.discriminator.discriminator.parameters())  # lr_find restores both
+    assert _same(s0, learn.model.parameters()) and _same(d0, learn.distillation.critic.discriminator.parameters())  # lr_find restores both
     assert list(learn.path.glob('**/*_disc.pth')) == []
     learn.fit_flat_cos(1, 1e-2)
     assert tlearn.model is learn.distillation.teacher
@@ -179,7 +179,7 @@ def test_get_preds_never_runs_the_teacher(tmp_path):
     teacher = _net(16, seed=1)
     calls = _count_forwards(teacher)
     learn = _learner(tmp_path)
-    learn.add_cbs([DistillationCallback(teacher, pairs=[('3', '3')]), DiscriminatorCallback(_disc())])
+    learn.add_cbs(DistillationCallback(teacher, pairs=[('3', '3')], critic=_disc()))
     learn.fit(1, 1e-2)
     n = len(calls)
     assert n > 0
@@ -205,15 +205,15 @@ def test_get_preds_during_a_fit_leaves_the_distillation_running(tmp_path):
     teacher, D = _net(16, seed=1), _disc()
     calls, learn = _count_forwards(teacher), _learner(tmp_path)
     peek = _PredsMidFit(calls)
-    dist, dcb = DistillationCallback(teacher, pairs=[('3', '3')]), DiscriminatorCallback(D)
-    learn.fit(1, 1e-2, cbs=[dist, dcb])  # the reference: one epoch
+    dist = DistillationCallback(teacher, pairs=[('3', '3')], critic=D)
+    learn.fit(1, 1e-2, cbs=dist)  # the reference: one epoch
     per_epoch = len(calls) - 1  # before_fit's check runs it once
-    learn.fit(2, 1e-2, cbs=[dist, dcb, peek])
+    learn.fit(2, 1e-2, cbs=[dist, peek])
     assert peek.during == 0  # the teacher does not run inside get_preds or validate
     assert peek.res[0] is not None and len(peek.res) > 1 and all(v is None for v in peek.res[1:])  # the columns: not computed by validate
     assert len(calls) - (per_epoch + 1) == 1 + 2 * per_epoch  # and runs on every batch of both epochs
     names = learn.recorder.metric_names
-    assert 'train_pi_loss' in names and 'train_d_loss' in names and dist._on is False and learn.metrics == []
+    assert 'train_pi_loss' in names and 'train_w_dist' in names and dist._on is False and learn.metrics == []
 
 def test_show_results_on_digit_scenes(tmp_path):
     import matplotlib; matplotlib.use('Agg')
@@ -221,7 +221,7 @@ def test_show_results_on_digit_scenes(tmp_path):
     dls = digit_scenes_dls(n_train=16, n_valid=8, size=32, bs=8)
     net = lambda w: nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, 11, 1))
     learn = Learner(dls, net(4), loss_func=CrossEntropyLossFlat(axis=1), path=tmp_path).distill(net(8), pairs=[('1', '1')],
-                    discriminator=Discriminator(11, nf=8, n_layers=2, attn_layers=()))
+                    critic=Discriminator(11, nf=8, n_layers=2, attn_layers=()))
     learn.fit(1, 1e-2)
     learn.show_results(max_n=2)
 
@@ -231,11 +231,11 @@ def _export_size(learn, fname):
     learn.export(fname)
     return (learn.path/fname).stat().st_size
 
-def test_export_excludes_teacher_and_discriminator(tmp_path):
+def test_export_excludes_teacher_and_critic(tmp_path):
     big_teacher = _net(256, seed=1)  # ~600k parameters: 2.4 MB
     learn = _learner(tmp_path)
     plain = _export_size(learn, 'plain.pkl')
-    learn.distill(big_teacher, pairs=[('3', '3')], discriminator=_disc())
+    learn.distill(big_teacher, pairs=[('3', '3')], critic=_disc())
     learn.fit(1, 1e-3)
     with_cbs = _export_size(learn, 'cbs.pkl')
     assert with_cbs - plain < 20_000, (plain, with_cbs)
@@ -246,35 +246,42 @@ def test_export_excludes_teacher_and_discriminator(tmp_path):
     assert _export_size(learn, 'kept.pkl') - plain > 2_000_000
     learn.remove_cb(keep)
     learn2 = load_learner(tmp_path/'cbs.pkl')
-    assert learn2.distillation.teacher is None and learn2.discriminator.discriminator is None
+    assert learn2.distillation.teacher is None and learn2.distillation.critic is None
     assert learn2.get_preds(dl=learn2.dls.test_dl(range(3)))[0].shape == (3, 3, 16, 16)
     learn2.dls = learn.dls
     with pytest.raises(ValueError, match='exported learners do not keep it'): learn2.fit(1)
 
-def test_checkpoint_resume_restores_discriminator(tmp_path):
-    learn = _learner(tmp_path).distill(_net(16, seed=1), discriminator=_disc())
-    dcb = learn.discriminator
+def test_checkpoint_resume_restores_the_critic(tmp_path):
+    learn = _learner(tmp_path).distill(_net(16, seed=1), critic=_disc())
+    critic = learn.distillation.critic
     learn.fit(1, 1e-2)
     f = learn.save('ck')
-    assert disc_file(f).exists() and disc_file(f).name == 'ck_disc.pth'
-    d_ck = _params(dcb.discriminator)
-    st_ck = {k: v['step'] for k, v in dcb.d_opt.state_dict()['state'].items()}
+    assert _critic_file(f).exists() and _critic_file(f).name == 'ck_disc.pth'
+    d_ck = _params(critic.discriminator)
+    st_ck = [v['step'] for v in critic.opt.state_dict()['state']]
     learn.fit(1, 1e-2)
-    assert not _same(d_ck, dcb.discriminator.parameters())
+    assert not _same(d_ck, critic.discriminator.parameters())
     learn.load('ck')
-    assert _same(d_ck, dcb.discriminator.parameters())
-    assert {k: v['step'] for k, v in dcb.d_opt.state_dict()['state'].items()} == st_ck
+    assert _same(d_ck, critic.discriminator.parameters())
+    assert [v['step'] for v in critic.opt.state_dict()['state']] == st_ck
     # a fresh learner (new discriminator, no optimizer yet) resumes from the checkpoint
-    learn2 = _learner(tmp_path).distill(_net(16, seed=1), discriminator=_disc(seed=5)).load('ck')
-    assert _same(d_ck, learn2.discriminator.discriminator.parameters())
+    learn2 = _learner(tmp_path).distill(_net(16, seed=1), critic=_disc(seed=5)).load('ck')
+    assert _same(d_ck, learn2.distillation.critic.discriminator.parameters())
     learn2.fit(1, 1e-2)
-    steps = [v['step'] for v in learn2.discriminator.d_opt.state_dict()['state'].values()]
-    assert steps and all(s == st + len(learn.dls.train) for s, st in zip(steps, st_ck.values()))
-    with pytest.warns(UserWarning, match='No discriminator checkpoint'):
-        learn.save('only', with_opt=False); disc_file(tmp_path/'models'/'only.pth').unlink(); learn.load('only', with_opt=False)
+    steps = [v['step'] for v in learn2.distillation.critic.opt.state_dict()['state']]
+    assert steps and all(s == st + len(learn.dls.train) for s, st in zip(steps, st_ck))
+    # a critic to be made at the first fit is made by `load`, to receive the checkpoint
+    made = _learner(tmp_path); made.add_cb(DistillationCallback(_net(16, seed=1), critic=Critic())); made.fit(1, 1e-2)
+    made.save('made')
+    learn3 = _learner(tmp_path)
+    learn3.add_cb(DistillationCallback(_net(16, seed=1), critic=Critic()))
+    learn3.load('made')
+    assert _same(_params(made.cbs[-1].critic.discriminator), learn3.distillation.critic.discriminator.parameters())
+    with pytest.warns(UserWarning, match='No critic checkpoint'):
+        learn.save('only', with_opt=False); _critic_file(tmp_path/'models'/'only.pth').unlink(); learn.load('only', with_opt=False)
 
 def test_save_model_callback_writes_side_files(tmp_path):
-    learn = _learner(tmp_path).distill(_net(16, seed=1), discriminator=_disc())
+    learn = _learner(tmp_path).distill(_net(16, seed=1), critic=_disc())
     learn.fit(2, 1e-2, cbs=SaveModelCallback(every_epoch=True, with_opt=True))
     assert (tmp_path/'models'/'model_0_disc.pth').exists() and (tmp_path/'models'/'model_1_disc.pth').exists()
 
@@ -293,18 +300,18 @@ def test_amp_cpu_autocast_and_shared_scaler(tmp_path, n_steps):
     D = _disc(); d0 = _params(D)
     learn = _learner(tmp_path)
     mp = _CPUMixedPrecision()
-    dcb = DiscriminatorCallback(D, n_steps=n_steps)
+    critic = Critic(D, n_steps=n_steps)
     stepped = []
-    orig = dcb.d_step
-    def _d_step(*a):
-        orig(*a); stepped.append([p.stepped for p in dcb._proxies])
-    dcb.d_step = _d_step
+    orig = critic.step
+    def _step(*a):
+        res = orig(*a); stepped.append([p.stepped for p in critic._proxies]); return res
+    critic.step = _step
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # e.g. "no inf checks were recorded", or a skipped step
-        learn.fit(1, 1e-2, cbs=[DistillationCallback(_net(16, seed=1), pairs=[('3', '3')]), dcb, mp])
+        learn.fit(1, 1e-2, cbs=[DistillationCallback(_net(16, seed=1), pairs=[('3', '3')], critic=critic), mp])
     n = len(learn.dls.train)
     assert mp.n_updates == n  # one update per iteration
-    assert len(stepped) == n*n_steps and all(len(s) >= 1 for s in stepped)
+    assert len(stepped) == n and all(len(s) == n_steps for s in stepped)
     assert any(all(s) for s in stepped) and not _same(d0, D.parameters())
     assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1])
 
@@ -322,23 +329,26 @@ class _NaNPenaltyD(nn.Module):
 def test_nan_penalty_skips_the_step(tmp_path):
     learn = _learner(tmp_path)
     D = _NaNPenaltyD()
-    dcb = DiscriminatorCallback(D, with_image=False)
-    learn.add_cbs([DistillationCallback(_net(16, seed=1), ho_weight=0.), dcb])
+    critic = Critic(D, with_image=False)
+    learn.add_cb(DistillationCallback(_net(16, seed=1), ho_weight=0., critic=critic))
     learn.fit(1, 1e-2)  # creates the optimizer; every step skipped
     n = len(learn.dls.train)
-    assert dcb.n_skipped == n
-    d0, st0 = _params(D), dcb.d_opt.state_dict()
+    assert critic.n_skipped == n
+    d0, st0 = _params(D), critic.opt.state_dict()
     with pytest.warns(UserWarning, match='skipped a step: non-finite penalty'): learn.fit(1, 1e-2)
-    assert dcb.n_skipped == 2*n and _same(d0, D.parameters()) and all(p.grad is None for p in D.parameters())
-    assert dcb.d_opt.state_dict()['state'] == st0['state'] == {}
+    assert critic.n_skipped == 2*n and _same(d0, D.parameters()) and all(p.grad is None for p in D.parameters())
+    assert critic.opt.state_dict()['state'] == st0['state'] and all(st == {} for st in st0['state'])
+    assert learn.recorder.values[-1][learn.recorder.metric_names.index('train_w_dist') - 1] is None  # no step: nothing to show
 
 def test_hinge_and_schedule(tmp_path):
     from fastai.callback.schedule import SchedCos
     learn = _learner(tmp_path)
-    dcb = DiscriminatorCallback(_disc(), loss='hinge', sched=SchedCos(1e-3, 1e-5))
-    learn.fit(1, 1e-2, cbs=[DistillationCallback(_net(16, seed=1)), dcb])
-    lr = dcb.d_opt.hypers[-1]['lr']
+    critic = Critic(_disc(), loss='hinge', sched=SchedCos(1e-3, 1e-5))
+    learn.fit(1, 1e-2, cbs=DistillationCallback(_net(16, seed=1), critic=critic))
+    lr = critic.opt.hypers[-1]['lr']
     assert 1e-5 < lr < 1e-3
+    names = learn.recorder.metric_names
+    assert 'train_w_dist' in names and 'train_gp' not in names  # hinge: no penalty
 
 # %% hooks and exceptions
 
@@ -353,7 +363,8 @@ def test_hooks_removed_after_cancel_and_harmless_after_error(tmp_path):
     dist = DistillationCallback(teacher, pairs=[('3', '3')], ho_weight=0)
     learn.fit(1, cbs=[dist, _Boom(CancelFitException())])
     assert len(learn.model[3]._forward_hooks) == 0 and len(teacher[3]._forward_hooks) == 0
-    learn.add_cbs([dist, DiscriminatorCallback(_disc())])  # attached for good, as `learn.distill` does
+    dist.critic = Critic(_disc())
+    learn.add_cb(dist)  # attached for good, as `learn.distill` does
     with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=_Boom(RuntimeError('boom')))
     assert len(learn.model[3]._forward_hooks) == 1 and dist._on and len(learn.metrics) > 0  # fastai skips after_fit: stale hooks and columns
     assert dist._teacher_run.out is not None  # the teacher ran before the student's forward, then the batch failed
@@ -363,7 +374,7 @@ def test_hooks_removed_after_cancel_and_harmless_after_error(tmp_path):
     assert len(res) == 1 and learn.metrics == [] and not dist._on and teacher.training
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in [*learn.model.modules(), *teacher.modules()])
     learn.fit(1)  # and the next fit works
-    assert 'train_d_loss' in learn.recorder.metric_names and 'train_pa_loss' in learn.recorder.metric_names
+    assert 'train_w_dist' in learn.recorder.metric_names and 'train_pa_loss' in learn.recorder.metric_names
 
 def test_a_second_student_forward_in_the_batch(tmp_path):
     "A callback running the student again within the batch (consistency losses, R-Drop) leaves the teacher's output and the features alone"
@@ -395,11 +406,15 @@ def test_pairs_refuse_dataparallel_on_several_devices(tmp_path):
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg.replace('(', r'\(')): DistillationCallback(_net(4), **kw)
 
-def test_bad_teacher_and_discriminator_arguments():
+def test_bad_teacher_and_critic_arguments():
     with pytest.raises(TypeError, match='teacher'): DistillationCallback('resnet')
-    with pytest.raises(ValueError, match='n_steps=0'): DiscriminatorCallback(_disc(), n_steps=0)
-    with pytest.raises(ValueError, match="loss='gan'"): DiscriminatorCallback(_disc(), loss='gan')
-    with pytest.raises(ValueError, match='lr=-1'): DiscriminatorCallback(_disc(), lr=-1)
+    with pytest.raises(TypeError, match='discriminator of type str'): DistillationCallback(_net(4), critic='D')
+    with pytest.raises(ValueError, match='n_steps=0'): Critic(_disc(), n_steps=0)
+    with pytest.raises(ValueError, match="loss='gan'"): Critic(_disc(), loss='gan')
+    with pytest.raises(ValueError, match='lr=-1'): Critic(_disc(), lr=-1)
+    with pytest.raises(ValueError, match='gp_samples=0'): Critic(_disc(), gp_samples=0)
+    with pytest.raises(ValueError, match='warmup=2'): Critic(_disc(), warmup=2)
+    with pytest.raises(ValueError, match='holistic=False with critic'): _learner().distill(_net(4), holistic=False, critic=_disc())
 
 def _fails(learn, cbs, msg):
     s0 = _params(learn.model)
@@ -415,9 +430,7 @@ def test_errors_before_fit(tmp_path):
     _fails(learn, DistillationCallback(_net(16, n_classes=5), ho_weight=0), r"Class counts differ: the student predicts 3 classes \(logits \(2, 3, 16, 16\)\), the teacher 5")
     pooled = nn.Sequential(*_net(16), nn.Identity()); pooled[1] = nn.MaxPool2d(2)
     _fails(learn, DistillationCallback(pooled, pairs=[('1', '1')], pi_weight=0, ho_weight=0), r"features \(2, 4, 16, 16\) and \(2, 16, 8, 8\)")
-    _fails(learn, DistillationCallback(teacher), 'needs a DiscriminatorCallback')
-    _fails(learn, DiscriminatorCallback(_disc()), 'needs a DistillationCallback')
-    _fails(learn, [DistillationCallback(teacher), DiscriminatorCallback(Discriminator(5, nf=8, n_layers=2, attn_layers=()))], 'discriminator fails on teacher maps')
+    _fails(learn, DistillationCallback(teacher, critic=Discriminator(5, nf=8, n_layers=2, attn_layers=())), 'discriminator fails on teacher maps')
 
 def test_device_errors(tmp_path):
     learn = _learner(tmp_path)
@@ -431,5 +444,66 @@ def test_holistic_needs_maps():
     x = torch.randn(16, 6, generator=g); y = (x[:, 0] > 0).long()
     dls = Datasets(range(16), tfms=[[x.__getitem__], [y.__getitem__]], splits=[range(8), range(8, 16)]).dataloaders(bs=8, num_workers=0)
     learn = Learner(dls, nn.Linear(6, 2), loss_func=nn.CrossEntropyLoss())
-    with pytest.raises(ValueError, match='holistic=True needs segmentation logits'): learn.distill(nn.Linear(6, 2))
+    with pytest.raises(ValueError, match='The holistic term needs segmentation logits'): learn.distill(nn.Linear(6, 2))
     learn.distill(nn.Linear(6, 2), holistic=False).fit(1)
+
+# %% the critic: owned by the callback, learning, its defaults
+
+def test_callback_alone_without_and_with_a_critic(tmp_path):
+    "No critic: no holistic term and no critic columns, whatever `ho_weight`; `Critic()` alone: its discriminator is made for the student's maps"
+    learn = _learner(tmp_path)
+    dist = DistillationCallback(_net(16, seed=1))
+    assert dist.terms == ['pi'] and dist.ho_weight > 0
+    learn.fit(1, 1e-2, cbs=dist)
+    names = learn.recorder.metric_names
+    assert 'train_pi_loss' in names and not any('ho_loss' in n or 'w_dist' in n for n in names)
+    critic = Critic()
+    learn.fit(1, 1e-2, cbs=DistillationCallback(_net(16, seed=1), critic=critic))
+    D = critic.discriminator
+    assert isinstance(D, Discriminator) and D.n_classes == 3 and D.img_channels == 3 and critic.with_image
+    assert {'train_ho_loss', 'train_w_dist', 'train_gp', 'valid_w_dist', 'valid_gp'} <= set(learn.recorder.metric_names)
+
+def test_critic_defaults():
+    "WGAN-GP's optimizer (Adam, beta1 0, beta2 0.9, no weight decay), one step per student step, a warm-up, the penalty on 8 interpolates"
+    c = Critic(_disc())
+    c.opt = c.opt_func(list(c.discriminator.parameters()), lr=c.lr)
+    h = c.opt.hypers[0]
+    assert (h['mom'], h['sqr_mom'], h['wd'], h['lr']) == (0., 0.9, 0., 1e-4)
+    assert (c.n_steps, c.loss, c.gp_weight, c.gp_samples, c.warmup) == (1, 'wgan-gp', 10., 8, 0.1)
+    assert c.ramp(0.) == 0. and c.ramp(0.05) == pytest.approx(0.5) and c.ramp(0.5) == 1.
+
+class _Separable(Callback):
+    "Makes the maps the critic sees separable: the teacher's logits favour class 0, the student's class 2"
+    order = 4
+    def before_fit(self): self.learn.distillation.teacher[4].bias.data = torch.tensor([3., 0., 0.])
+
+def test_the_critic_learns_on_separable_maps(tmp_path):
+    "Teacher maps that favour one class, student maps another: the critic's Wasserstein estimate grows within the first epoch"
+    learn = _learner(tmp_path, n=96)
+    critic = Critic(_disc(), lr=1e-2, n_steps=3)
+    seen = []
+    orig = critic.step
+    def _step(*a):
+        r = orig(*a); seen.append(r['w_dist'].item()); return r
+    critic.step = _step
+    teacher = _net(16, seed=1)
+    with torch.no_grad(): teacher[4].bias.copy_(torch.tensor([4., 0., 0.])); learn.model[4].bias.copy_(torch.tensor([0., 0., 4.]))
+    learn.fit(1, 0., cbs=DistillationCallback(teacher, critic=critic, ho_weight=0.))  # lr 0: the student does not move
+    assert len(seen) == len(learn.dls.train) >= 8
+    assert seen[-1] > seen[0] + 0.5 and seen[-1] > 0.5, seen
+    w_valid = learn.recorder.values[-1][learn.recorder.metric_names.index('valid_w_dist') - 1]
+    assert w_valid > 0.5
+
+def test_generator_term_ramps_up(tmp_path):
+    "The generator term's weight goes from 0 to `ho_weight` over the warm-up: the objective shows it"
+    class _Weights(Callback):
+        order = 8
+        def __init__(self): self.rows = []
+        def after_loss(self):
+            if self.training: self.rows.append((self.pct_train, (self.learn.loss_grad - self.learn.loss).item()))
+    learn = _learner(tmp_path)
+    w = _Weights()
+    learn.fit(2, 1e-3, cbs=[DistillationCallback(_net(16, seed=1), pi_weight=0., critic=Critic(_disc(), warmup=0.5), ho_weight=1.), w])
+    first = w.rows[0]
+    assert first[0] == 0. and first[1] == 0.  # at the start: no generator term
+    assert any(abs(d) > 0 for _, d in w.rows[1:])

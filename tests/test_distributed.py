@@ -80,7 +80,7 @@ from fastai.losses import CrossEntropyLossFlat
 from ranger_fastai.optimizer import ranger
 from ranger_fastai.metrics import MeanIoU, confusion_matrix, miou_from_confusion
 from ranger_fastai.losses import Discriminator
-from ranger_fastai.distill import DistillationCallback, DiscriminatorCallback
+from ranger_fastai.distill import DistillationCallback, Critic
 
 N_TRN, N_VAL, BS, EPOCHS, NAN_AT = 16, 11, 4, 2, 2 # 11 images: DistributedDL pads the validation set to 12
 
@@ -93,26 +93,26 @@ def _net(w, seed):
     return nn.Sequential(nn.Conv2d(3, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, 3, 1))
 
 class _Probe(Callback):
-    "Record the model's type during training; on rank `nan_rank` only, make the student maps of training batch `NAN_AT` NaN (before the discriminator's step)"
+    "Record the model's type during training; on rank `nan_rank` only, make the student maps of training batch `NAN_AT` NaN (before the critic's step)"
     order = 3
     def __init__(self, nan_rank=None): self.nan_rank, self.model_type = nan_rank, None
     def before_train(self): self.model_type = type(self.learn.model).__name__
     def after_step(self):
         if self.learn.train_iter == NAN_AT and dist.get_rank() == self.nan_rank:
-            d = next(c for c in self.learn.cbs if isinstance(c, DistillationCallback))
-            real, fake, img = d.maps
-            d.maps = (real, fake*float('nan'), img)
+            c = self.learn.distillation.critic
+            real, fake, img = c._batch
+            c._batch = (real, fake*float('nan'), img)
 
 def _learner(dls, model, probe):
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(axis=1), opt_func=ranger, metrics=MeanIoU(3), cbs=probe)
-    torch.manual_seed(2); D = Discriminator(3, nf=8, n_layers=2, attn_layers=(1,))
-    return learn.distill(_net(8, 1), pairs=[('3', '3')], discriminator=D, disc_kwargs=dict(lr=1e-3))
+    torch.manual_seed(2); D = Discriminator(3, nf=8, n_layers=2, attn_layers=(1,), spectral=True)
+    return learn.distill(_net(8, 1), pairs=[('3', '3')], critic=Critic(D, lr=1e-3))
 
 def _state(learn, probe):
     "Everything that must match across processes, as bytes"
-    d = next(c for c in learn.cbs if isinstance(c, DiscriminatorCallback))
-    t = next(c for c in learn.cbs if isinstance(c, DistillationCallback)).teacher
-    res = dict(student=getattr(learn.model, 'module', learn.model).state_dict(), opt=learn.opt.state_dict(), disc=d.discriminator.state_dict(), d_opt=d.d_opt.state_dict(),
+    d = learn.distillation.critic
+    t = learn.distillation.teacher
+    res = dict(student=getattr(learn.model, 'module', learn.model).state_dict(), opt=learn.opt.state_dict(), disc=d.discriminator.state_dict(), d_opt=d.opt.state_dict(),
                teacher=t.state_dict(), teacher_grads=[p.grad for p in t.parameters()], values=learn.recorder.values,
                names=list(learn.recorder.metric_names), n_skipped=d.n_skipped, model_type=probe.model_type)
     buf = io.BytesIO(); torch.save(res, buf); return buf.getvalue()
@@ -178,21 +178,21 @@ def test_distill_states_equal_across_processes(ddp_runs, path):
     assert s0['model_type'] == s1['model_type'] == 'DistributedDataParallel'
     for k in ('student', 'opt', 'disc', 'd_opt', 'teacher', 'values', 'names', 'n_skipped'): _same(s0[k], s1[k], k)
     assert any(k.endswith('weight_u') for k in s0['disc']) # spectral norm's power-iteration vectors are among the buffers compared
-    assert {'train_pi_loss', 'train_pa_loss', 'train_ho_loss', 'train_d_loss', 'miou'} <= set(s0['names'])
+    assert {'train_pi_loss', 'train_pa_loss', 'train_ho_loss', 'train_w_dist', 'valid_w_dist', 'train_gp', 'miou'} <= set(s0['names'])
     assert all(v is not None and math.isfinite(v) for v in s0['values'][-1])
     # the teacher is replicated, untouched, and gets no gradients
     _same(s0['teacher'], {k: v for k, v in _net(8, 1).state_dict().items()}, 'teacher vs initial')
     assert all(g is None for g in s0['teacher_grads'] + s1['teacher_grads'])
     # the student and the discriminator trained
     assert not torch.equal(s0['student']['0.weight'], _net(4, 0).state_dict()['0.weight'])
-    torch.manual_seed(2); assert not torch.equal(s0['disc']['head.weight'], Discriminator(3, nf=8, n_layers=2, attn_layers=(1,)).state_dict()['head.weight'])
+    torch.manual_seed(2); assert not torch.equal(s0['disc']['head.weight'], Discriminator(3, nf=8, n_layers=2, attn_layers=(1,), spectral=True).state_dict()['head.weight'])
 
-def test_discriminator_skip_is_shared(ddp_runs):
-    "Rank 1 alone saw a NaN at one batch: both processes skipped that discriminator step, and took all the others"
+def test_critic_skip_is_shared(ddp_runs):
+    "Rank 1 alone saw a NaN at one batch: both processes skipped that critic step, and took all the others"
     s0, s1 = ddp_runs['fastai']
     assert s0['n_skipped'] == s1['n_skipped'] == 1
     steps = EPOCHS*N_TRN//(2*BS)
-    assert {st['step'] for st in s0['d_opt']['state'].values()} == {steps - 1}
+    assert {st['step'] for st in s0['d_opt']['state']} == {steps - 1}
     assert ddp_runs['torch'][0]['n_skipped'] == 0
 
 @pytest.mark.parametrize('path', ['fastai', 'torch'])

@@ -330,18 +330,32 @@ def test_gradient_penalty_one_eps_per_sample():
     real, fake = torch.rand(8, 2, 3, 3), torch.rand(8, 2, 3, 3)
     D = _Linear(18)
     wgan_gp_loss(D, real, fake)
-    x, _ = D.seen[0]
-    assert torch.equal(x[:8], real) and torch.equal(x[8:16], fake)
-    eps = (x[16:] - fake) / (real - fake)
+    (x, _), (x_hat, _) = D.seen
+    assert torch.equal(x[:8], real) and torch.equal(x[8:], fake)
+    eps = (x_hat - fake) / (real - fake)
     per_sample = eps.flatten(1)
     assert torch.allclose(per_sample, per_sample[:, :1].expand_as(per_sample), atol=1e-4)
     assert ((per_sample[:, 0] >= 0) & (per_sample[:, 0] <= 1)).all() and per_sample[:, 0].std() > 0.05
+
+def test_gradient_penalty_on_a_subset():
+    "`gp_samples=k`: the penalty's interpolates are the first k pairs of the batch, scored in a pass of their own"
+    real, fake = torch.rand(8, 2, 3, 3), torch.rand(8, 2, 3, 3)
+    D = _Linear(18)
+    with torch.no_grad(): D.lin.weight.mul_(5)
+    w = D.lin.weight.detach().double()
+    _, pen = wgan_gp_loss(D, real, fake, gp_samples=3)
+    (x, _), (x_hat, _) = D.seen
+    assert x.shape[0] == 16 and x_hat.shape[0] == 3
+    eps = ((x_hat - fake[:3]) / (real[:3] - fake[:3])).flatten(1)
+    assert torch.allclose(eps, eps[:, :1].expand_as(eps), atol=1e-4)
+    assert abs(pen.item() - ((w.norm() - 1)**2).item()) <= 1e-5 * pen.item()  # linear critic: the same penalty from any subset
+    with pytest.raises(ValueError, match='gp_weight'): wgan_gp_loss(D, real, fake, gp_weight=-1.)
 
 def test_critic_losses_pass_images():
     real, fake, img = torch.rand(3, 2, 3, 3), torch.rand(3, 2, 3, 3), torch.randn(3, 1, 5, 5)
     D = _Linear(18)
     wgan_gp_loss(D, real, fake, img); hinge_loss(D, real, fake, img); generator_loss(D, fake, img)
-    assert [s[1].shape[0] for s in D.seen] == [9, 6, 3]
+    assert [s[1].shape[0] for s in D.seen] == [6, 3, 6, 3]  # wgan-gp: real and fake, then the interpolates
     assert all(torch.equal(s[1][:3], img) and torch.equal(s[1][-3:], img) for s in D.seen)
 
 def test_zero_gradient_critic_no_nan():
