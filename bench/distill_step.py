@@ -1,20 +1,23 @@
 """Training step time per batch with structured knowledge distillation, on the tutorial's teacher and student.
 
 The networks are the ones `ranger-fastai distill` and the tutorial (nbs/10_tutorial_distill.ipynb) train: `SegNet`s
-at the widths of `PRESETS['distill']` (teacher 16, student 8), with the same discriminator
-(`Discriminator(11, nf=16, n_layers=3, attn_layers=(2,))`, fed maps and image), the pair-wise term on the `dec3`
-layers, 11 classes, 32x32 images, batch 32: the built-in digit scenes' resolution. Batches are random tensors of
-those shapes (time does not depend on their content).
+at the widths of `PRESETS['distill']` (teacher 16, student 8), with the same critic (the default `Critic` with
+`critic_for(11, 32)`, fed maps and image), the pair-wise term on the `dec3` layers, 11 classes, 32x32 images,
+batch 32: the built-in digit scenes' resolution. Batches are random tensors of those shapes (time does not depend
+on their content). The "previous critic" row is the critic before the rework, for comparison in the same process:
+`Discriminator(11, nf=16, n_layers=3, attn_layers=(2,), spectral=True)` at full resolution, `ranger`, the penalty on
+the whole batch.
 
-Each configuration (student alone, + pixel-wise, + pair-wise, + pair-wise with the discriminator's step only, + holistic
-with the discriminator step) is timed in real fastai fits: one batch is `before_batch` to `after_batch`, the first batch of each fit is dropped.
-Inside those same batches, hooks time the teacher's forward pass, the discriminator's own step (`d_step`: its loss
+Each configuration (student alone, + pixel-wise, + pair-wise, + pair-wise with the critic's step only, + holistic)
+is timed in real fastai fits: one batch is `before_batch` to `after_batch`, the first batch of each fit is dropped.
+Inside those same batches, hooks time the teacher's forward pass, the critic's own step (`Critic.step`: its loss
 with the gradient penalty, backward, optimizer step) and the generator term's discriminator forward and backward
 (from the discriminator's output back to the student's maps, timed by tensor hooks during the student's backward).
+"critic / student" is the critic's step plus the generator term's forward and backward over the student alone.
 "Everything else" is what distillation adds besides those: (batch - teacher - D parts) minus the student alone,
 as a share of the student alone, paired by round (each round's median minus the student's median of the same round;
-the table gives the median over rounds and their range). The "D step only" configuration runs the discriminator's
-step without the generator term: its "everything else" minus that of "+ pair-wise" is what the discriminator's step
+the table gives the median over rounds and their range). The "critic step only" configuration (`ho_weight=0`) runs the
+critic's step without the generator term: its "everything else" minus that of "+ pair-wise" is what the critic's step
 costs the rest of the training step (caches and the like), beyond its own time. Configurations and thread counts are
 interleaved over rounds; all numbers are medians in ms. The pixel-wise and pair-wise loss functions are also timed on their own (forward + backward).
 The last column counts the process's minor page faults per batch: memory the C library handed back to the system and
@@ -33,8 +36,9 @@ from fastai.callback.core import Callback
 from fastai.losses import CrossEntropyLossFlat
 from fastai.data.core import Datasets
 from fastai.callback.progress import *  # Learner.no_bar
-from ranger_fastai.losses import Discriminator, pixel_wise_loss, pair_wise_loss
-from ranger_fastai.distill import DistillationCallback, DiscriminatorCallback
+from ranger_fastai.losses import Discriminator, critic_for, pixel_wise_loss, pair_wise_loss
+from ranger_fastai.distill import DistillationCallback, Critic
+from ranger_fastai.optimizer import ranger
 from ranger_fastai.experiments import SegNet, PRESETS
 from ranger_fastai.cli import keep_freed_memory
 
@@ -65,8 +69,8 @@ class _BatchTimer(Callback):
         if not self.training: return
         self.clock.stop('batch'); self.rows.append(dict(self.clock.parts, faults=_faults() - self.f0))
 
-def instrument(teacher, D, dcb, clock):
-    "Time the teacher's forward, `dcb.d_step`, and the generator term's D forward and D backward (to the maps)"
+def instrument(teacher, critic, clock):
+    "Time the teacher's forward, `critic.step`, and the generator term's D forward and D backward (to the maps)"
     teacher.register_forward_pre_hook(lambda m, i: clock.start('teacher'))
     teacher.register_forward_hook(lambda m, i, o: clock.stop('teacher'))
     in_step = [False]
@@ -78,13 +82,14 @@ def instrument(teacher, D, dcb, clock):
         if in_step[0]: return
         clock.stop('gen')
         if out.requires_grad: out.register_hook(lambda g: clock.start('gen_bwd'))
+    D = critic.discriminator
     D.register_forward_pre_hook(d_pre); D.register_forward_hook(d_post)
-    d_step = dcb.d_step
-    def timed_d_step(*args, **kw):
+    step = critic.step
+    def timed_step(*args, **kw):
         in_step[0] = True; clock.start('d_step')
-        try: return d_step(*args, **kw)
+        try: return step(*args, **kw)
         finally: clock.stop('d_step'); in_step[0] = False
-    dcb.d_step = timed_d_step
+    critic.step = timed_step
 
 def random_dls(n, size, bs, n_classes, device=None):
     "`DataLoaders` of `n` random images and labels (and `bs` more for validation)"
@@ -105,19 +110,21 @@ def main(rounds=7, batches=8, threads='1,2', device='cpu', student_width=STUDENT
     dls = random_dls(BS*(batches+1), SIZE, BS, N_CLASSES, device=dev)
     torch.manual_seed(0)
     teacher, student = SegNet(N_CLASSES, teacher_width).to(dev), SegNet(N_CLASSES, student_width).to(dev)
-    D = Discriminator(N_CLASSES, nf=16, n_layers=3, attn_layers=(2,)).to(dev)
+    critic, clock = Critic(critic_for(N_CLASSES, SIZE)), _Clock(dev)
+    previous = Critic(Discriminator(N_CLASSES, nf=16, n_layers=3, attn_layers=(2,), spectral=True), opt_func=ranger, gp_samples=None)
+    for c in (critic, previous): instrument(teacher, c, clock)
     learn = Learner(dls, student, loss_func=CrossEntropyLossFlat(axis=1))
-    dcb, clock = DiscriminatorCallback(D), _Clock(dev)
-    instrument(teacher, D, dcb, clock)
     configs = {
         'student alone': [],
-        '+ pixel-wise': [DistillationCallback(teacher, pa_weight=0, ho_weight=0)],
-        '+ pair-wise': [DistillationCallback(teacher, ho_weight=0, pairs=[PAIR])],
-        '+ pair-wise, D step only': [DistillationCallback(teacher, ho_weight=0, pairs=[PAIR]), dcb], # no generator term
-        '+ holistic (D step)': [DistillationCallback(teacher, pairs=[PAIR]), dcb],
+        '+ pixel-wise': [DistillationCallback(teacher, pa_weight=0)],
+        '+ pair-wise': [DistillationCallback(teacher, pairs=[PAIR])],
+        '+ pair-wise, critic step only': [DistillationCallback(teacher, ho_weight=0, pairs=[PAIR], critic=critic)], # no generator term
+        '+ holistic': [DistillationCallback(teacher, pairs=[PAIR], critic=critic)],
+        '+ holistic, previous critic': [DistillationCallback(teacher, pairs=[PAIR], critic=previous)],
     }
     learn.recorder.silent = True
-    with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=configs['+ holistic (D step)'])  # warm-up
+    for k in ('+ holistic', '+ holistic, previous critic'):
+        with learn.no_logging(), learn.no_bar(): learn.fit(1, 1e-3, cbs=configs[k])  # warm-up
     # the loss functions alone, on the tutorial's tensors
     xb, _ = dls.one_batch()
     feats = {}
@@ -146,19 +153,21 @@ def main(rounds=7, batches=8, threads='1,2', device='cpu', student_width=STUDENT
         alone = rows[th, 'student alone']
         base = med([r['batch'] for rs in alone for r in rs])
         print(f"\n{th} thread{'s' if th > 1 else ''}\n")
-        print("| configuration | ms / batch | teacher forward | D own step | generator term: D fwd | D bwd | everything else (rounds' range) | % of student step | page faults / batch |")
-        print("|---|---|---|---|---|---|---|---|---|")
+        print("| configuration | ms / batch | teacher forward | critic step | generator term: D fwd | D bwd | critic / student | everything else (rounds' range) | % of student step | page faults / batch |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for k in configs:
             rs = [r for rr in rows[th, k] for r in rr]
             parts = [med([r.get(p, 0.) for r in rs]) for p in PARTS]
             cells = ' | '.join('-' if p == 0 else f'{p:.2f}' for p in parts)
+            d_parts = sum(parts[1:])
+            cells += ' | ' + ('-' if d_parts == 0 else f'{d_parts/base:.2f}x')
             # paired by round (the machine's load drifts): median of this round's rest minus the student's median of the same round
             diffs = sorted(med(rest(v)) - med([r['batch'] for r in a]) for v, a in zip(rows[th, k], alone))
             extra = '- | -' if k == 'student alone' else f'{statistics.median(diffs):.2f} ({diffs[0]:.2f} to {diffs[-1]:.2f}) | {100*statistics.median(diffs)/base:.0f}%'
             print(f"| {k} | {med([r['batch'] for r in rs]):.2f} | {cells} | {extra} | {statistics.median(r['faults'] for r in rs):.0f} |")
-        pa, pad = ([med(rest(v)) - med([r['batch'] for r in a]) for v, a in zip(rows[th, k], alone)] for k in ('+ pair-wise', '+ pair-wise, D step only'))
+        pa, pad = ([med(rest(v)) - med([r['batch'] for r in a]) for v, a in zip(rows[th, k], alone)] for k in ('+ pair-wise', '+ pair-wise, critic step only'))
         d = sorted(x - y for x, y in zip(pad, pa))
-        print(f"\nThe D step's after-effect on the rest of the batch ('D step only' minus '+ pair-wise', paired by round): {statistics.median(d):.2f} ms ({d[0]:.2f} to {d[-1]:.2f})", end='')
+        print(f"\nThe critic step's after-effect on the rest of the batch ('critic step only' minus '+ pair-wise', paired by round): {statistics.median(d):.2f} ms ({d[0]:.2f} to {d[-1]:.2f})", end='')
         for k in losses: print(f"\n{k}: {med(loss_times[th, k]):.2f} ms", end='')
         print()
 

@@ -160,7 +160,7 @@ def pair_wise_loss(student_feats:Tensor, # Student features (N, Cs, H, W)
 
 # %% ../nbs/01_losses.ipynb #fcd77505
 class Discriminator(Module):
-    "Critic scoring class-probability maps (optionally paired with the image): spectral-normalised strided convolutions with self-attention"
+    "Critic scoring class-probability maps (optionally paired with the image): strided convolutions (spectral-normalised if asked) with self-attention"
     def __init__(self, n_classes:int, # Channels of the maps (classes)
                  img_channels:int=3, # Channels of the paired image; 0 to score maps alone
                  nf:int=64, # Channels of the first convolution (doubled at each layer)
@@ -168,7 +168,7 @@ class Discriminator(Module):
                  attn_layers:tuple=(2, 3), # 0-based indices of the convolutions followed by self-attention
                  slope:float=0.1, # Negative slope of the LeakyReLU
                  pool:int=1, # Average-pool the maps (and size the image) by this factor first: a cheaper critic for large maps
-                 spectral:bool=True, # Spectral normalisation of the convolutions (bounds the critic's gradient: pair it with the hinge loss)
+                 spectral:bool=False, # Spectral normalisation of the convolutions: for the hinge loss (it holds the gradient that WGAN-GP's penalty asks to be 1 below 1)
                 ):
         for name, v, lo in (('n_classes', n_classes, 1), ('img_channels', img_channels, 0), ('nf', nf, 1), ('n_layers', n_layers, 1), ('pool', pool, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"Discriminator needs an integer {name} >= {lo}, got {name}={v!r}")

@@ -507,3 +507,12 @@ def test_generator_term_ramps_up(tmp_path):
     first = w.rows[0]
     assert first[0] == 0. and first[1] == 0.  # at the start: no generator term
     assert any(abs(d) > 0 for _, d in w.rows[1:])
+
+@pytest.mark.parametrize('hw,nodes', [((64, 64), (2, 2)), ((65, 65), (3, 3)), ((129, 257), (3, 3)), ((33, 40), (3, 2))])
+def test_float_pool_gives_the_official_node_counts(hw, nodes):
+    "A float `pool` pools as the official code: kernel (int(H*s), int(W*s)), stride the same, ceil mode"
+    from ranger_fastai.distill import pool_nodes
+    f = torch.randn(1, 2, *hw)
+    official = nn.MaxPool2d(kernel_size=(int(hw[0]*0.5), int(hw[1]*0.5)), stride=(int(hw[0]*0.5), int(hw[1]*0.5)), ceil_mode=True)(f)
+    out = pool_nodes(f, 0.5)
+    assert out.shape[-2:] == nodes and torch.equal(out, official)
