@@ -464,7 +464,7 @@ class Critic:
     "The holistic term's critic: a discriminator, its optimizer and schedule, its steps and its checkpoint state"
     def __init__(self, discriminator:nn.Module|None=None, # Scores maps (N, C, h, w), with the image if `with_image`; `None`: `critic_for` the student's maps, made at the first fit
                  opt_func=partial(Adam, mom=0., sqr_mom=0.9, wd=0.), # Its optimizer (a fastai `opt_func`): Adam with beta1 0 and beta2 0.9, as WGAN-GP
-                 lr:float=1e-4, # Its learning rate
+                 lr:float=1e-3, # Its learning rate
                  n_steps:int=1, # Its steps per student step
                  loss:str='wgan-gp', # 'wgan-gp' or 'hinge'
                  gp_weight:float=10., # Weight of the WGAN-GP gradient penalty

@@ -23,6 +23,7 @@ from fastai.callback.schedule import fit_flat_cos # adds `Learner.fit_flat_cos`
 from fastai.callback.progress import ProgressCallback
 from .optimizer import ranger
 from .metrics import MeanIoU
+from .losses import critic_for
 from .distill import Critic # and `Learner.distill`
 from .data import digits_dls, digit_scenes_dls, image_folder_dls, camvid_dls
 
@@ -192,9 +193,11 @@ VARIANTS = {'student': (), '+ pixel-wise': ('pi',), '+ pair-wise': ('pi', 'pa'),
 def _student(dls, w, seed, teacher, terms, weights, T, pairs, pool, d_lr, cbs, bar, n_classes):
     "A student `Learner` seeded with `seed`, with the distillation `terms` attached"
     _seed(dls, seed)
-    learn = _learner(dls, SegNet(n_classes, w, dls.one_batch()[0].shape[1]), MeanIoU(n_classes), ranger, cbs, bar)
-    if terms:
-        learn.distill(teacher, pairs=pairs if 'pa' in terms else None, holistic='ho' in terms, critic=Critic(lr=d_lr) if 'ho' in terms else None, T=T, pool=pool,
+    x = dls.one_batch()[0]
+    learn = _learner(dls, SegNet(n_classes, w, x.shape[1]), MeanIoU(n_classes), ranger, cbs, bar)
+    if terms: # the critic made here, not by probing a batch: every variant of a seed sees the same batches
+        critic = Critic(critic_for(n_classes, min(x.shape[-2:]), x.shape[1]), lr=d_lr) if 'ho' in terms else None
+        learn.distill(teacher, pairs=pairs if 'pa' in terms else None, holistic='ho' in terms, critic=critic, T=T, pool=pool,
                       **{f'{k}_weight': (weights[k] if k in terms else 0.) for k in ('pi', 'pa', 'ho')})
     return learn
 
@@ -212,7 +215,7 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
                 T:float=1., # Temperature of the pixel-wise term
                 pairs:list=(('dec3', 'dec3'),), # (student layer, teacher layer) pairs of the pair-wise term
                 pool:int|float|None=None, # Node pooling of the pair-wise term (see `pool_nodes`)
-                d_lr:float=1e-4, # Learning rate of the discriminator
+                d_lr:float=1e-3, # Learning rate of the critic
                 runs:list|None=None, # Finished runs are appended here as they finish (kept if interrupted)
                 models:dict|None=None, # Filled with the teacher's and each variant's first-seed model, for pictures
                 cbs:list|None=None, # Extra callbacks for every `Learner`
@@ -327,8 +330,8 @@ PRESETS = {
     'distill': dict(distill=dict(seeds=[0, 1, 2], epochs=10, teacher_epochs=10, lr=1e-2, teacher_width=16, student_width=8),
                     distill_bs=32, scenes=SCENES),
     'demo': dict(leaderboard=dict(lrs=[1e-2, 3e-2], seeds=[0, 1], epochs=3), leaderboard_bs=64,
-                 distill=dict(variants=['student', '+ pixel-wise'], seeds=[0], epochs=10, teacher_epochs=10, lr=1e-2, teacher_width=16, student_width=8),
-                 distill_bs=32, scenes=SCENES),
+                 distill=dict(seeds=[0], epochs=10, teacher_epochs=10, lr=1e-2, teacher_width=16, student_width=8),
+                 distill_bs=32, scenes=dict(SCENES, n_train=3000)),
 }
 
 # %% ../nbs/06_experiments.ipynb #c30b00ce

@@ -65,7 +65,7 @@ def test_demo(tmp_path):
     main(['demo', *TINY_DS, '--lr', '0.01', '--optimizers', 'ranger', '--out', str(tmp_path)])
     res = _results(tmp_path)
     assert {r['experiment'] for r in res['runs']} == {'leaderboard', 'distill'}
-    assert res['tables']['leaderboard'] and res['tables']['distill']
+    assert res['tables']['leaderboard'] and [r['variant'] for r in res['tables']['distill']] == ['teacher', *VARIANTS]  # all three terms
     assert (tmp_path/'report.md').exists()
 
 def test_python_m():
