@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_distill.ipynb #bb55487f
 from __future__ import annotations
-import difflib, math, sys, warnings
+import difflib, math, pickle, sys, warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch
@@ -207,7 +207,7 @@ def pool_nodes(f:Tensor, # Features (N, C, H, W)
 class DistillationCallback(Callback):
     "Add structured knowledge distillation terms (pixel-wise, pair-wise, holistic) from `teacher` to the student's objective"
     order = 5
-    _stateattrs = ('teacher', 'critic', '_hooks', '_grabs', '_teacher_run', '_terms')
+    _stateattrs = ('teacher', 'critic', 'avgs', 'critic_avgs', '_hooks', '_grabs', '_teacher_run', '_terms')
     def __init__(self, teacher:nn.Module|Learner, # The teacher, or a fastai `Learner` (then its model)
                  pi_weight:float=1., # Weight of the pixel-wise term (0: off)
                  pa_weight:float=1., # Weight of the pair-wise term (0 or no `pairs`: off)
@@ -342,7 +342,7 @@ def before_fit(self:DistillationCallback):
         _move(self.teacher, dev, 'teacher')
         _broadcast_state(self.teacher)
         if self.critic is not None:
-            self.critic.setup(self.learn)
+            self.critic.setup(self.learn, self.teacher)
             _broadcast_state(self.critic.discriminator)
         self.teacher.eval()
         self._register_hooks()
@@ -427,11 +427,12 @@ def _holistic(self:DistillationCallback, s_maps:Tensor, t_maps:Tensor, xb:tuple)
     c = self.critic
     img = c.image(xb)
     if c.discriminator.training != self.training: c.discriminator.train(self.training) # its steps leave it in train mode
-    if self.training: c.keep(t_maps, s_maps, img)
-    else:
-        _, w, pen = c.losses(t_maps, s_maps, img)
-        self.critic_avgs.add('valid', {'w_dist': w, **({} if pen is None else {'gp': pen})}, t_maps.shape[0])
-    return {'ho': c.generator_term(s_maps, img)} if 'ho' in self._terms else {}
+    if self.training:
+        c.keep(t_maps, s_maps, img)
+        return {'ho': c.generator_term(s_maps, img)} if 'ho' in self._terms else {}
+    _, w, pen, gen = c.losses(t_maps, s_maps, img, _enabled_scaler(self.learn)) # one pass: the estimate, the penalty and the generator term
+    self.critic_avgs.add('valid', {'w_dist': w, **({} if pen is None else {'gp': pen})}, t_maps.shape[0])
+    return {'ho': gen} if 'ho' in self._terms else {}
 
 @patch
 def after_step(self:DistillationCallback):
@@ -439,6 +440,11 @@ def after_step(self:DistillationCallback):
     if self.critic is None or not self._active(): return
     r = self.critic.step(self.learn)
     if r is not None: self.critic_avgs.add('train', r, find_bs(self.yb))
+
+@patch
+def after_batch(self:DistillationCallback):
+    "Drop the maps kept for the critic if its step did not run (a cancelled step, gradient accumulation)"
+    if self.critic is not None: self.critic._batch = None
 
 # %% ../nbs/02_distill.ipynb #c12b84cb
 class _ScalerProxy:
@@ -487,12 +493,13 @@ class Critic:
 
     def __repr__(self): return f"Critic({type(self.discriminator).__name__ if self.discriminator is not None else 'made at fit'}, lr={self.lr:g}, n_steps={self.n_steps}, loss={self.loss!r})"
     def __getstate__(self): return {**self.__dict__, '_batch': None, '_proxies': []} # no batch of maps in a pickle or a deep copy
+    def __deepcopy__(self, memo): return pickle.loads(pickle.dumps(self)) # one copy of the discriminator, its optimizer on that copy's parameters
 
 # %% ../nbs/02_distill.ipynb #fe84f375
 @patch
-def setup(self:Critic, learn:Learner):
-    "Make the discriminator if there is none (for `learn`'s student), move it to the student's device, create the optimizer (kept across fits)"
-    if self.discriminator is None: self.discriminator = _critic_for_learner(learn)
+def setup(self:Critic, learn:Learner, teacher:nn.Module):
+    "Make the discriminator if there is none (for the maps of `teacher` on `learn`'s data), move it to the student's device, create the optimizer (kept across fits)"
+    if self.discriminator is None: self.discriminator = _critic_for_learner(learn, teacher)
     if self.with_image is None: self.with_image = getattr(self.discriminator, 'img_channels', 0) > 0
     _move(self.discriminator, _model_device(learn.model), 'discriminator')
     if self.opt is None: self.opt = self.opt_func(list(self.discriminator.parameters()), lr=self.lr, **self.opt_kwargs)
@@ -514,13 +521,13 @@ def generator_term(self:Critic, fake:Tensor, img:Tensor|None=None)->Tensor:
 
 @patch
 def losses(self:Critic, real:Tensor, fake:Tensor, img:Tensor|None=None, scaler=None)->tuple:
-    "The critic's loss on teacher maps `real` and student maps `fake` (detached here), its Wasserstein estimate mean D(real) - mean D(fake), and its gradient penalty (`None` for hinge)"
+    "The critic's loss on teacher maps `real` and student maps `fake` (detached here), its Wasserstein estimate mean D(real) - mean D(fake), its gradient penalty (`None` for hinge) and the generator term's value -mean D(fake)"
     D, n = self.discriminator, real.shape[0]
     sr, sf = _scores(D, torch.cat([real.detach(), fake.detach()]), img, 2).float().split(n)
-    w = sr.mean() - sf.mean()
-    if self.loss == 'hinge': return F.relu(1 - sr).mean() + F.relu(1 + sf).mean(), w, None
+    w, gen = sr.mean() - sf.mean(), -sf.mean().detach()
+    if self.loss == 'hinge': return F.relu(1 - sr).mean() + F.relu(1 + sf).mean(), w, None, gen
     pen = _penalty(D, real, fake, img, self.gp_samples, scaler)
-    return self.gp_weight*pen - w, w, pen
+    return self.gp_weight*pen - w, w, pen, gen
 
 @patch
 def keep(self:Critic, real:Tensor, fake:Tensor, img:Tensor|None=None):
@@ -537,7 +544,7 @@ def step(self:Critic, learn:Learner)->dict|None:
     self.discriminator.train()
     scaler, self._proxies, first = _enabled_scaler(learn), [], None
     for i in range(self.n_steps):
-        with _autocast_ctx(learn): d_loss, w, pen = self.losses(real, fake, img, scaler)
+        with _autocast_ctx(learn): d_loss, w, pen, _ = self.losses(real, fake, img, scaler)
         if self._apply(d_loss, pen, scaler) and i == 0: first = {'w_dist': w.detach(), **({} if pen is None else {'gp': pen.detach()})}
     return first
 
@@ -572,28 +579,32 @@ def _critic_file(file:str|Path)->Path:
 @patch
 def state_dict(self:Critic, with_opt:bool=True)->dict:
     "The discriminator's weights, and its optimizer's state if `with_opt` (and there is one)"
+    if self.discriminator is None: raise ValueError("This Critic has no discriminator yet (it is made at the first fit): nothing to save")
     state = {'model': self.discriminator.state_dict()}
     if with_opt and self.opt is not None: state['opt'] = self.opt.state_dict()
     return state
 
 @patch
 def load_state_dict(self:Critic, state:dict, with_opt:bool=True):
-    "Load what `state_dict` returned (the optimizer state too if `with_opt` and present)"
+    "Load what `state_dict` returned (the optimizer state too if `with_opt` and present; the optimizer is made if there is none)"
+    if self.discriminator is None: raise ValueError("This Critic has no discriminator yet (it is made at the first fit): give it one, or load through `learn.load`")
     self.discriminator.load_state_dict(state['model'])
-    if with_opt and 'opt' in state: self.opt.load_state_dict(state['opt'])
+    if with_opt and 'opt' in state:
+        if self.opt is None: self.opt = self.opt_func(list(self.discriminator.parameters()), lr=self.lr, **self.opt_kwargs)
+        self.opt.load_state_dict(state['opt'])
 
 # %% ../nbs/02_distill.ipynb #5d345a07
 _fastai_save = getattr(Learner.save, '_fastai', Learner.save)
 _fastai_load = getattr(Learner.load, '_fastai', Learner.load)
 
-def _critics(learn): return [c.critic for c in learn.cbs if isinstance(c, DistillationCallback) and c.critic is not None]
+def _critics(learn): return [c for c in learn.cbs if isinstance(c, DistillationCallback) and c.critic is not None]
 
 @patch
 @delegates(_fastai_save)
 def save(self:Learner, file, **kwargs):
     "Save model and optimizer state (if `with_opt`) to `self.path/self.model_dir/file`, and a distillation critic's next to it"
     res = _fastai_save(self, file, **kwargs)
-    critics = [c for c in _critics(self) if c.discriminator is not None]
+    critics = [c.critic for c in _critics(self) if c.critic.discriminator is not None]
     if critics and isinstance(res, (str, Path)): torch.save(critics[0].state_dict(kwargs.get('with_opt', True)), _critic_file(res))
     return res
 
@@ -602,30 +613,35 @@ def save(self:Learner, file, **kwargs):
 def load(self:Learner, file, device=None, **kwargs):
     "Load model and optimizer state (if `with_opt`) from `self.path/self.model_dir/file`, and a distillation critic's from next to it"
     res = _fastai_load(self, file, device=device, **kwargs)
-    critics = _critics(self)
-    if critics and isinstance(file, (str, Path)):
+    cbs = _critics(self)
+    if cbs and isinstance(file, (str, Path)):
         side = _critic_file(self.path/self.model_dir/f'{file}.pth')
         if not side.exists(): warnings.warn(f"No critic checkpoint {side}: the critic keeps its current weights")
         else:
-            critics[0].setup(self)
+            cbs[0].critic.setup(self, cbs[0].teacher)
             from fastcore.foundation import L
             with torch.serialization.safe_globals([L]): state = torch.load(side, map_location=_model_device(self.model), weights_only=True)
-            critics[0].load_state_dict(state, kwargs.get('with_opt', True))
+            cbs[0].critic.load_state_dict(state, kwargs.get('with_opt', True))
     return res
 
 Learner.save._fastai, Learner.load._fastai = _fastai_save, _fastai_load
 
 # %% ../nbs/02_distill.ipynb #b630f081
-def _critic_for_learner(learn:Learner)->Discriminator:
-    "`critic_for` the maps of `learn`'s student (probed on one sample) and the channels of its images"
-    m = _unwrap(learn.model)
-    was = m.training
-    xb = to_device(learn.dls.train.one_batch()[:learn.dls.train.n_inp], _model_device(m))
+def _logits_of(model:nn.Module, xb:tuple, what:str)->Tensor:
+    "`model`'s output on the first sample of `xb` (eval mode, no grad, on its device), which must be segmentation logits"
+    was = model.training
     try:
-        with torch.no_grad(): out = m.eval()(*[x[:1] for x in xb])
-    finally: m.train(was)
-    if not isinstance(out, Tensor) or out.dim() != 4: raise ValueError(f"The holistic term needs segmentation logits (N, C, H, W), the student returns {_shape(out)}: use holistic=False")
-    return critic_for(out.shape[1], min(out.shape[-2:]), img_channels=xb[0].shape[1])
+        with torch.no_grad(): out = model.eval()(*[x[:1].to(_model_device(model, what)) for x in xb])
+    finally: model.train(was)
+    if not isinstance(out, Tensor) or out.dim() != 4: raise ValueError(f"The holistic term needs segmentation logits (N, C, H, W), the {what} returns {_shape(out)}: use holistic=False")
+    return out
+
+def _critic_for_learner(learn:Learner, teacher:nn.Module|Learner)->Discriminator:
+    "`critic_for` the maps the critic will score (the student's, at the size of the teacher's, probed on one sample) and the channels of the images"
+    if isinstance(teacher, Learner): teacher = teacher.model
+    xb = learn.dls.train.one_batch()[:learn.dls.train.n_inp]
+    s, t = _logits_of(_unwrap(learn.model), xb, 'student'), _logits_of(teacher, xb, 'teacher')
+    return critic_for(s.shape[1], min(t.shape[-2:]), img_channels=xb[0].shape[1])
 
 @patch
 @delegates(DistillationCallback, but=['teacher', 'pairs', 'critic'])
@@ -637,6 +653,6 @@ def distill(self:Learner, teacher:nn.Module|Learner, # The teacher, or its Learn
            )->Learner:
     "Attach structured knowledge distillation from `teacher` to this Learner; returns it"
     if not holistic and critic is not None: raise ValueError(f"holistic=False with critic={critic!r}: pass one or the other")
-    if holistic and not isinstance(critic, Critic): critic = Critic(critic if critic is not None else _critic_for_learner(self))
+    if holistic and not isinstance(critic, Critic): critic = Critic(critic if critic is not None else _critic_for_learner(self, teacher))
     self.remove_cbs([c for c in self.cbs if isinstance(c, DistillationCallback)])
     return self.add_cb(DistillationCallback(teacher, pairs=pairs, critic=critic, **kwargs))

@@ -253,6 +253,7 @@ def wgan_gp_loss(D:nn.Module, # Critic: `D(maps)` or `D(maps, img)` -> (N,) scor
     "WGAN-GP critic loss and its (unweighted) gradient penalty"
     _check_real_fake(real, fake)
     if not gp_weight >= 0: raise ValueError(f"wgan_gp_loss needs gp_weight >= 0, got gp_weight={gp_weight!r}")
+    if gp_samples is not None and (isinstance(gp_samples, bool) or not isinstance(gp_samples, int) or gp_samples < 1): raise ValueError(f"wgan_gp_loss needs gp_samples None or an integer >= 1, got gp_samples={gp_samples!r}")
     sr, sf = _scores(D, torch.cat([real.detach(), fake.detach()]), img, 2).float().split(real.shape[0])
     penalty = _penalty(D, real, fake, img, gp_samples, scaler)
     return sf.mean() - sr.mean() + gp_weight*penalty, penalty

@@ -495,18 +495,46 @@ def test_the_critic_learns_on_separable_maps(tmp_path):
     assert w_valid > 0.5
 
 def test_generator_term_ramps_up(tmp_path):
-    "The generator term's weight goes from 0 to `ho_weight` over the warm-up: the objective shows it"
+    "The generator term's weight goes from 0 to `ho_weight` over the warm-up: the objective shows it, batch by batch"
+    critic = Critic(_disc(), warmup=0.5)
+    terms, orig = [], critic.generator_term
+    def _gen(*a):
+        g = orig(*a); terms.append(g.detach()); return g
+    critic.generator_term = _gen
     class _Weights(Callback):
         order = 8
         def __init__(self): self.rows = []
         def after_loss(self):
-            if self.training: self.rows.append((self.pct_train, (self.learn.loss_grad - self.learn.loss).item()))
-    learn = _learner(tmp_path)
-    w = _Weights()
-    learn.fit(2, 1e-3, cbs=[DistillationCallback(_net(16, seed=1), pi_weight=0., critic=Critic(_disc(), warmup=0.5), ho_weight=1.), w])
-    first = w.rows[0]
-    assert first[0] == 0. and first[1] == 0.  # at the start: no generator term
-    assert any(abs(d) > 0 for _, d in w.rows[1:])
+            if self.training: self.rows.append((self.pct_train, (self.learn.loss_grad - self.learn.loss).item(), terms[-1].item()))
+    learn, w = _learner(tmp_path), _Weights()
+    learn.fit(2, 1e-3, cbs=[DistillationCallback(_net(16, seed=1), pi_weight=0., critic=critic, ho_weight=2.), w])
+    assert len(w.rows) == 2*len(learn.dls.train) and w.rows[0][0] == 0.
+    for pct, added, g in w.rows: assert added == pytest.approx(2.*min(1., pct/0.5)*g, rel=1e-4, abs=1e-6), (pct, added, g)
+    assert any(pct >= 0.5 for pct, *_ in w.rows) and any(0 < pct < 0.5 for pct, *_ in w.rows)
+
+def test_critic_copies_and_state():
+    "A deep copy's optimizer steps the copy's own discriminator; a fresh critic loads a state (making its optimizer), one without a discriminator says so"
+    import copy
+    c = Critic(_disc())
+    c.opt = c.opt_func(list(c.discriminator.parameters()), lr=c.lr)
+    c2 = copy.deepcopy(c)
+    assert all(p is q for p, q in zip(c2.discriminator.parameters(), (p for p, *_ in c2.opt.all_params())))
+    fresh = Critic(_disc(seed=3))
+    fresh.load_state_dict(c.state_dict())
+    assert fresh.opt is not None and _same(_params(c.discriminator), fresh.discriminator.parameters())
+    with pytest.raises(ValueError, match='no discriminator yet'): Critic().load_state_dict(c.state_dict())
+    with pytest.raises(ValueError, match='no discriminator yet'): Critic().state_dict()
+
+def test_default_critic_is_sized_for_the_teachers_maps(tmp_path):
+    "The critic scores the student's maps at the teacher's size: `distill` sizes it from the teacher's logits"
+    class _Up(nn.Module):  # a teacher with logits at twice the input size
+        def __init__(self): super().__init__(); self.net = _net(16, seed=1)
+        def forward(self, x): return nn.functional.interpolate(self.net(x), scale_factor=2)
+    learn = _learner(tmp_path, size=16)  # student logits 16x16, teacher 32x32
+    D = learn.distill(_Up()).distillation.critic.discriminator
+    assert D.pool == 2  # critic_for(3, 32): 32 px pooled by 2
+    learn.fit(1, 1e-2)
+    assert 'valid_w_dist' in learn.recorder.metric_names
 
 @pytest.mark.parametrize('hw,nodes', [((64, 64), (2, 2)), ((65, 65), (3, 3)), ((129, 257), (3, 3)), ((33, 40), (3, 2))])
 def test_float_pool_gives_the_official_node_counts(hw, nodes):

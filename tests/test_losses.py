@@ -350,6 +350,8 @@ def test_gradient_penalty_on_a_subset():
     assert torch.allclose(eps, eps[:, :1].expand_as(eps), atol=1e-4)
     assert abs(pen.item() - ((w.norm() - 1)**2).item()) <= 1e-5 * pen.item()  # linear critic: the same penalty from any subset
     with pytest.raises(ValueError, match='gp_weight'): wgan_gp_loss(D, real, fake, gp_weight=-1.)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=f'gp_samples={bad!r}'): wgan_gp_loss(D, real, fake, gp_samples=bad)
 
 def test_critic_losses_pass_images():
     real, fake, img = torch.rand(3, 2, 3, 3), torch.rand(3, 2, 3, 3), torch.randn(3, 1, 5, 5)
