@@ -233,17 +233,18 @@ def test_discriminator_shapes(hw, img_channels):
     assert out.shape == (2,) and out.isfinite().all()
 
 def test_discriminator_architecture():
-    D = Discriminator(19)
+    D = Discriminator(19, spectral=True)
     convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs[:4] if c.kernel_size == (4, 4)] == [64, 128, 256, 512]
     assert all(c.stride == (2, 2) and hasattr(c, 'weight_orig') for c in convs[:4])
+    assert not any(hasattr(m, 'weight_orig') for m in Discriminator(19).body.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (4, 4))  # not by default
     assert convs[0].in_channels == 19 + 3
     assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in D.modules())
     assert sum(type(m).__name__ == 'SelfAttention' for m in D.modules()) == 2
     assert [type(m).__name__ for m in D.body][-2:] == ['ConvLayer', 'SelfAttention']
 
 def test_discriminator_spectral_norm_converges():
-    D = Discriminator(4, img_channels=0, nf=8).train()
+    D = Discriminator(4, img_channels=0, nf=8, spectral=True).train()
     x = _maps(2, 4, 16, 16)
     with torch.no_grad():
         for _ in range(50): D(x)
