@@ -329,9 +329,9 @@ PRESETS = {
     'leaderboard': dict(leaderboard=dict(lrs=[3e-3, 1e-2, 3e-2], seeds=[0, 1, 2], epochs=5), leaderboard_bs=64),
     'distill': dict(distill=dict(seeds=[0, 1, 2], epochs=10, teacher_epochs=10, lr=1e-2, teacher_width=16, student_width=8),
                     distill_bs=32, scenes=SCENES),
-    'demo': dict(leaderboard=dict(lrs=[1e-2, 3e-2], seeds=[0, 1], epochs=3), leaderboard_bs=64,
-                 distill=dict(seeds=[0], epochs=10, teacher_epochs=10, lr=1e-2, teacher_width=16, student_width=8),
-                 distill_bs=32, scenes=dict(SCENES, n_train=3000)),
+    'demo': dict(leaderboard=dict(lrs=[1e-2, 3e-2], seeds=[0], epochs=3), leaderboard_bs=64,
+                 distill=dict(seeds=[0], epochs=8, teacher_epochs=8, lr=1e-2, teacher_width=16, student_width=8),
+                 distill_bs=32, scenes=dict(SCENES, n_train=2000)),
 }
 
 # %% ../nbs/06_experiments.ipynb #c30b00ce
