@@ -11,7 +11,6 @@ critic's validation Wasserstein estimate by epoch. Run several configurations in
 Usage: python bench/critic_search.py [--seed 0] [--out bench_out] [CONFIG ...]   (no CONFIG: all)
 """
 import argparse, json
-from functools import partial
 from pathlib import Path
 import torch
 from ranger_fastai.experiments import PRESETS, SegNet, distill_data, _learner, _seed, _student, _fit
