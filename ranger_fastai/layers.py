@@ -70,13 +70,17 @@ def _inputs_for(model:nn.Module, xb:tuple)->tuple:
 
 def _shape(o): return tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__
 
-def _output_shapes(model:nn.Module, modules:list, xb:tuple)->list:
-    "The output shapes of `modules` when `model` runs on `xb` (eval mode, no grad; `None` for a module that did not run)"
+def _run_hooked(model:nn.Module, modules:list, xb:tuple, f=lambda o: o)->tuple:
+    "`model`'s output on `xb` (eval mode, no grad, on its device, in its dtype), and `f` of the outputs of `modules` (`None` for one that did not run)"
     was = model.training
-    with Hooks(modules, lambda m,i,o: _shape(o), detach=False) as hs, torch.no_grad():
-        try: model.eval()(*_inputs_for(model, xb))
+    with Hooks(modules, lambda m,i,o: f(o), detach=False) as hs, torch.no_grad():
+        try: out = model.eval()(*_inputs_for(model, xb))
         finally: model.train(was)
-        return [h.stored for h in hs]
+        return out, [h.stored for h in hs]
+
+def _output_shapes(model:nn.Module, modules:list, xb:tuple)->list:
+    "The output shapes of `modules` when `model` runs on `xb`"
+    return _run_hooked(model, modules, xb, _shape)[1]
 
 def feature_layers(model:nn.Module, # The model
                    xb:tuple, # Inputs of a batch, e.g. `probe_batch(dls)`
