@@ -68,7 +68,7 @@ def _parser()->argparse.ArgumentParser:
         s.add_argument('--threads', type=_positive(int), default=1, metavar='N', help='PyTorch CPU threads (default: %(default)s, fastest for small models on small CPUs)')
         if cmd != 'demo':
             s.add_argument('--data', type=Path, help='your data: an ImageFolder tree (leaderboard) or a CamVid-style folder (distill) (default: the built-in digits)')
-            s.add_argument('--size', type=_positive(int), metavar='N', help='resize --data images (centre crop) to N x N (default: their own size)')
+            s.add_argument('--size', type=_positive(int), metavar='N', help="resize --data images (centre crop) to N x N (default: the images' own size)")
         if cmd == 'leaderboard':
             s.add_argument('--arch', choices=CLASSIFIERS, metavar='NAME', help=f"the model, one of {', '.join(CLASSIFIERS)}: {archs} {d['arch']}")
             s.add_argument('--act', choices=ACTIVATIONS, help='xresnet archs: the activation (default: relu; the Imagenette leaderboard record: mish)')

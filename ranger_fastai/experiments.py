@@ -33,7 +33,7 @@ from .metrics import MeanIoU
 from .losses import critic_for
 from .distill import Critic # and `Learner.distill`
 from .data import digits_dls, digit_scenes_dls, image_folder_dls, camvid_dls
-from .presets import OPTIMIZER_NAMES, VARIANTS, BACKBONES, CLASSIFIERS, SEGMENTERS, ACTIVATIONS, SCENES, PRESETS
+from .presets import VARIANTS, BACKBONES, CLASSIFIERS, SEGMENTERS, SCENES, PRESETS
 
 # %% auto #0
 __all__ = ['ARCHS', 'ACTS', 'OPTIMIZERS', 'small_cnn', 'SegNet', 'load_weights', 'classifier_learner', 'segmentation_learner',
@@ -237,9 +237,10 @@ def _evaluate(learn:Learner)->dict:
 def _describe(arch:str, width:int=16, act:str='relu', sa:bool=False, weights=None, seg:bool=False)->str:
     "The model of a run, in words"
     if arch in ('small_cnn', 'segnet'): return f"{'SegNet' if seg else 'small_cnn'} (width {width})"
-    how = ['U-Net (unet_learner)' if seg else 'vision_learner' if not arch.startswith('x') else ''] + (['Mish'] if act == 'mish' else []) + (['self-attention'] if sa else [])
-    how += ['weights from a file'] if weights is not None else []
-    return f"{arch} ({', '.join(h for h in how if h)})" if any(how) else arch
+    how = ['unet_learner'] if seg else ['vision_learner'] if arch.startswith('resnet') else []
+    how += (['Mish'] if act == 'mish' else []) + (['self-attention'] if sa else []) + (['weights from a file'] if weights is not None else [])
+    name = f'{arch} U-Net' if seg else arch
+    return f"{name} ({', '.join(how)})" if how else name
 
 # %% ../nbs/06_experiments.ipynb #a52b2086
 OPTIMIZERS = {'Adam': Adam, 'RAdam': RAdam, 'fastai ranger': fastai_ranger,
@@ -437,7 +438,7 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
     critic = lambda: Critic(critic_for(n_classes, min(x.shape[-2:]), x.shape[1]), lr=d_lr)
     jobs = [(v, s) for s in seeds for v in variants]
     for i,(v,s) in enumerate(jobs):
-        learn = _student(dls, s, lambda: make(student_arch, student_width, student_weights), tl.model, VARIANTS[v], weights, T, list(pairs), pool, critic)
+        learn = _student(dls, s, lambda: make(student_arch, student_width, student_weights), tl.model, VARIANTS[v], weights, T, pairs, pool, critic)
         r = dict(experiment='distill', variant=v, seed=s, epochs=epochs, width=student_width, params=_n_params(learn.model),
                  model=_describe(student_arch, student_width, weights=student_weights, seg=True), **_fit(learn, epochs, lr))
         r['miou'] = r.pop('metric')

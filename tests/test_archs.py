@@ -103,11 +103,11 @@ def test_distill_unet_resnet34_into_resnet18(tmp_path, camvid):
     main(['distill', '--data', str(camvid), '--teacher-arch', 'resnet34', '--student-arch', 'resnet18', *ONE, '--teacher-epochs', '1',
           '--bs', '4', '--variants', 'student', '+ pair-wise', '--out', str(tmp_path)])
     res = _results(tmp_path)
-    assert [(r['variant'], r['model']) for r in res['runs']] == [('teacher', 'resnet34 (U-Net (unet_learner))'),
-        ('student', 'resnet18 (U-Net (unet_learner))'), ('+ pair-wise', 'resnet18 (U-Net (unet_learner))')]
+    assert [(r['variant'], r['model']) for r in res['runs']] == [('teacher', 'resnet34 U-Net (unet_learner)'),
+        ('student', 'resnet18 U-Net (unet_learner)'), ('+ pair-wise', 'resnet18 U-Net (unet_learner)')]
     assert res['runs'][0]['params'] > res['runs'][1]['params'] and all(0 <= r['miou'] <= 1 for r in res['runs'])
     md = (tmp_path/'report.md').read_text()
-    assert 'Teacher `resnet34 (U-Net (unet_learner))`, students `resnet18 (U-Net (unet_learner))`' in md and (tmp_path/'predictions.png').exists()
+    assert 'Teacher `resnet34 U-Net (unet_learner)`, students `resnet18 U-Net (unet_learner)`' in md and (tmp_path/'predictions.png').exists()
 
 @pytest.mark.parametrize('name,arch', [('teacher.pkl', None), ('teacher.pth', 'resnet18')])
 def test_distill_with_a_teacher_file(tmp_path, camvid, files, name, arch):
