@@ -4,24 +4,26 @@
 
 # %% ../nbs/02_distill.ipynb #bb55487f
 from __future__ import annotations
-import difflib, math, pickle, sys, warnings
+import math, pickle, sys, warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn, Tensor
-from fastcore.basics import patch, store_attr
+from fastcore.basics import patch, store_attr, ifnone
+from fastcore.foundation import L
 from fastcore.meta import delegates
-from fastai.torch_core import find_bs, to_device
+from fastai.torch_core import find_bs
 from fastai.learner import Learner, Metric
 from fastai.callback.core import Callback
 from functools import partial
 from fastai.optimizer import Adam
 from .losses import _pixel_wise, pair_wise_loss, Discriminator, critic_for, generator_loss, _scores, _penalty
+from .layers import find_layer, probe_batch, auto_pairs, _inputs_for, _run_hooked
 
 # %% auto #0
-__all__ = ['find_layer', 'pool_nodes', 'DistillationCallback', 'Critic']
+__all__ = ['pool_nodes', 'DistillationCallback', 'Critic']
 
 # %% ../nbs/02_distill.ipynb #df48045e
 class _PhaseAverages:
@@ -69,21 +71,6 @@ def _remove_columns(cb):
     cb.learn.metrics = [m for m in cb.learn.metrics if getattr(m, 'cb', None) is not cb]
 
 # %% ../nbs/02_distill.ipynb #4a1d3de6
-def find_layer(model:nn.Module, # The model to search
-               layer:str|nn.Module, # A dotted path (as in `model.named_modules()`) or a submodule
-               what:str='model', # How to call the model in errors
-              )->nn.Module:
-    "The submodule `layer` of `model`, or a `ValueError` suggesting close names"
-    if isinstance(layer, nn.Module):
-        if any(m is layer for m in model.modules()): return layer
-        raise ValueError(f"The module {type(layer).__name__} given for the {what} is not a submodule of the {what}")
-    if not isinstance(layer, str): raise TypeError(f"Invalid layer={layer!r}: expected a dotted name or an nn.Module")
-    names = [n for n,_ in model.named_modules() if n]
-    if layer in names: return model.get_submodule(layer)
-    close = difflib.get_close_matches(layer, names, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; its layers are {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
-    raise ValueError(f"Layer {layer!r} not found in the {what}{hint}")
-
 class _PicklesEmpty:
     "Pickles as a fresh, empty object: a hook left on a model never drags the callback or the teacher into a file"
     def __getstate__(self): return {}
@@ -113,7 +100,7 @@ class _TeacherRun(_PicklesEmpty):
     def __call__(self, m, args): # unarmed calls (a second forward pass in the batch, an unhooked leftover) leave `out` alone
         if not self.armed: return
         self.armed = False
-        with torch.no_grad(): self.out = _plain(self.teacher(*map(_plain, args)))
+        with torch.no_grad(): self.out = _plain(self.teacher(*_inputs_for(self.teacher, tuple(map(_plain, args))))) # in the teacher's dtype
 
 # %% ../nbs/02_distill.ipynb #de8782e9
 def _model_device(model:nn.Module, what='student')->torch.device:
@@ -213,7 +200,7 @@ class DistillationCallback(Callback):
                  pa_weight:float=1., # Weight of the pair-wise term (0 or no `pairs`: off)
                  ho_weight:float=0.1, # Weight of the holistic term, with a `critic` (0: the critic still learns, the student is not pushed)
                  T:float=1., # Temperature of the pixel-wise term
-                 pairs:list|None=None, # Pairs (student layer, teacher layer), dotted names or modules, for the pair-wise term
+                 pairs:list|str|None=None, # Pairs (student layer, teacher layer), dotted names or modules, for the pair-wise term; 'auto': `auto_pairs`
                  pool:int|float|None=None, # Pool feature maps into larger nodes first: see `pool_nodes`
                  detach_norm:bool=False, # Detach the feature norms in the pair-wise term (as the official code)
                  critic:Critic|nn.Module|None=None, # The holistic term's `Critic`, or its discriminator (`None`: no holistic term)
@@ -222,8 +209,9 @@ class DistillationCallback(Callback):
         if not isinstance(teacher, nn.Module): raise TypeError(f"Invalid teacher of type {type(teacher).__name__}: expected an nn.Module or a fastai Learner")
         for n,w in dict(pi_weight=pi_weight, pa_weight=pa_weight, ho_weight=ho_weight).items(): _check_weight(n, w)
         if isinstance(T, bool) or not isinstance(T, (int, float)) or not (math.isfinite(T) and T > 0): raise ValueError(f"Invalid T={T!r}: expected a finite number > 0")
-        pairs = list(pairs or [])
-        for p in pairs:
+        if isinstance(pairs, str) and pairs != 'auto': raise ValueError(f"Invalid pairs={pairs!r}: expected 'auto' or a list of (student_layer, teacher_layer)")
+        pairs = pairs if pairs == 'auto' else list(pairs or [])
+        for p in ([] if pairs == 'auto' else pairs):
             if not (isinstance(p, (tuple, list)) and len(p) == 2): raise ValueError(f"Invalid pair {p!r} in pairs: expected (student_layer, teacher_layer)")
         _check_pool(pool)
         if critic is not None and not isinstance(critic, Critic): critic = Critic(critic)
@@ -236,6 +224,13 @@ class DistillationCallback(Callback):
             if not hasattr(self, a): setattr(self, a, None)
         self._hooks, self._grabs, self._teacher_run, self._terms, self._on = [], [], None, [], False
         self.avgs, self.critic_avgs = _PhaseAverages(), _PhaseAverages()
+
+    @property
+    def learn(self): return self.__dict__.get('_learn')
+    @learn.setter
+    def learn(self, learn): # attaching to a Learner with data checks the setup there and then
+        if learn is not None and _has_batches(learn): self.check(learn)
+        self.__dict__['_learn'] = learn
 
     @property
     def terms(self)->list:
@@ -262,10 +257,10 @@ def _register_hooks(self:DistillationCallback):
     self._attach_teacher()
 
 @patch
-def _arm(self:DistillationCallback, run_teacher:bool=True):
-    "Arm the hooks for one forward pass of the student and the teacher (the student's pre-hook runs the teacher if `run_teacher`)"
-    if run_teacher and self._teacher_run.model is not self.learn.model: self._attach_teacher() # wrapped since `before_fit`
-    self._teacher_run.armed, self._teacher_run.out = run_teacher, None
+def _arm(self:DistillationCallback):
+    "Arm the hooks for one forward pass of the student and the teacher (the student's pre-hook runs the teacher)"
+    if self._teacher_run.model is not self.learn.model: self._attach_teacher() # wrapped since `before_fit`
+    self._teacher_run.armed, self._teacher_run.out = True, None
     for gs in self._grabs:
         for g in gs: g.armed, g.out = True, None
 
@@ -298,44 +293,68 @@ def _take_features(self:DistillationCallback)->list:
 # %% ../nbs/02_distill.ipynb #a289d09e
 def _shape(t): return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
 
+def _has_batches(learn)->bool:
+    "Whether `learn` has training data to check a setup on (an exported Learner's `dls` are empty)"
+    try: return len(learn.dls.train) > 0
+    except (AttributeError, TypeError): return False
+
+def _shares_parameters(a:nn.Module, b:nn.Module)->bool:
+    ids = {id(p) for p in a.parameters()}
+    return any(id(p) in ids for p in b.parameters())
+
+def _check_logits(s, t):
+    "A `ValueError` unless student logits `s` and teacher logits `t` are tensors of the same rank, (N, C) or (N, C, H, W), with the same classes"
+    if not isinstance(s, Tensor) or not isinstance(t, Tensor): raise ValueError(f"Student and teacher must return logits tensors, got {_shape(s)} and {_shape(t)}")
+    if s.dim() != t.dim() or s.dim() not in (2, 4): raise ValueError(f"Student logits {_shape(s)} and teacher logits {_shape(t)}: expected both (N, C) or both (N, C, H, W)")
+    if s.shape[1] != t.shape[1]: raise ValueError(f"Class counts differ: the student predicts {s.shape[1]} classes (logits {_shape(s)}), the teacher {t.shape[1]} (logits {_shape(t)})")
+
 @patch
-def _check(self:DistillationCallback, xb:tuple):
-    "Run student and teacher on `xb` (eval, no grad) and check logits, features and the critic's discriminator"
-    s_model = _unwrap(self.learn.model)
-    was = s_model.training
-    s_model.eval()
+def check(self:DistillationCallback, learn:Learner|None=None):
+    "Check teacher, pairs and critic against `learn` (default: the Learner it is attached to) on two training samples; resolves `pairs='auto'`, changes nothing else"
+    learn = ifnone(learn, self.learn)
+    if self.teacher is None: raise ValueError("This DistillationCallback has no teacher (exported learners do not keep it): set `cb.teacher` or remove the callback")
+    student = _unwrap(learn.model)
+    if _shares_parameters(student, self.teacher): raise ValueError("The teacher is the student (or shares its parameters): distil from another model, such as a trained copy")
+    xb = probe_batch(learn.dls)
+    pa = self.pa_weight > 0 and bool(self.pairs)
+    if pa and self.pairs == 'auto': self.pairs = auto_pairs(student, self.teacher, xb)
+    layers = [(find_layer(student, ls, 'student', xb), find_layer(self.teacher, lt, 'teacher', xb)) for ls,lt in self.pairs] if pa else []
+    s, fs = _run_hooked(student, [m for m,_ in layers], xb)
+    t, ft = _run_hooked(self.teacher, [m for _,m in layers], xb)
+    _check_logits(s, t)
+    for a,b,(ls,lt) in zip(fs, ft, self.pairs if pa else []):
+        a, b = (pool_nodes(f, self.pool) if isinstance(f, Tensor) and f.dim() == 4 else f for f in (a, b))
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dim() == 4 and b.dim() == 4 and a.shape[-2:] == b.shape[-2:]):
+            raise ValueError(f"Pair ({ls!r}, {lt!r}): features {_shape(a)} and {_shape(b)} (after pool={self.pool!r}) must be (N, C, H, W) with the same H, W")
+    if s.dim() == 4 and s.shape[-2:] != t.shape[-2:]:
+        warnings.warn(f"The student's maps ({tuple(s.shape[-2:])}) are resized to the teacher's ({tuple(t.shape[-2:])}) for the pixel-wise and holistic terms")
+    if self.critic is not None: self._check_critic(s, t, xb)
+
+@patch
+def _check_critic(self:DistillationCallback, s:Tensor, t:Tensor, xb:tuple):
+    "A `ValueError` unless the critic's discriminator (if it has one yet) scores the teacher's maps `t` once per image"
+    if s.dim() != 4: raise ValueError(f"The holistic term needs segmentation logits (N, C, H, W), got {_shape(s)}")
+    D = self.critic.discriminator
+    if D is None: return # `critic_for` the maps, made at the fit
+    with_image = self.critic.with_image if self.critic.with_image is not None else getattr(D, 'img_channels', 0) > 0
+    real, = _inputs_for(D, (t.float().softmax(1),))
+    img = _inputs_for(D, xb[:1])[0] if with_image else None
+    was = D.training
     try:
-        with torch.no_grad():
-            self._arm(run_teacher=False)
-            s = s_model(*xb)
-            t = self.teacher(*xb)
-            if not isinstance(s, Tensor) or not isinstance(t, Tensor): raise ValueError(f"Student and teacher must return logits tensors, got {_shape(s)} and {_shape(t)}")
-            if s.dim() != t.dim() or s.dim() not in (2, 4): raise ValueError(f"Student logits {_shape(s)} and teacher logits {_shape(t)}: expected both (N, C) or both (N, C, H, W)")
-            if s.shape[1] != t.shape[1]: raise ValueError(f"Class counts differ: the student predicts {s.shape[1]} classes (logits {_shape(s)}), the teacher {t.shape[1]} (logits {_shape(t)})")
-            if self.pairs and self.pa_weight > 0:
-                for (fs,ft),(ls,lt) in zip(self._take_features(), self.pairs):
-                    if fs.dim() != 4 or ft.dim() != 4 or fs.shape[-2:] != ft.shape[-2:]:
-                        raise ValueError(f"Pair ({ls!r}, {lt!r}): features {_shape(fs)} and {_shape(ft)} (after pool={self.pool!r}) must be (N, C, H, W) with the same H, W")
-            if self.critic is not None:
-                if s.dim() != 4: raise ValueError(f"The holistic term needs segmentation logits (N, C, H, W), got {_shape(s)}")
-                real = t.float().softmax(1)
-                try: out = self.critic.discriminator(real, self.critic.image(xb))
-                except Exception as e: raise ValueError(f"The discriminator fails on teacher maps {_shape(real)} (image {_shape(xb[0])}): {e}") from e
-                if _shape(out) != (real.shape[0],): raise ValueError(f"The discriminator must return one score per image, shape ({real.shape[0]},), got {_shape(out)}")
-    finally:
-        s_model.train(was)
-        for gs in self._grabs:
-            for g in gs: g.armed, g.out = False, None
+        with torch.no_grad(): out = D.eval()(real, img)
+    except Exception as e: raise ValueError(f"The discriminator fails on teacher maps {_shape(real)} (image {_shape(img)}): {e}") from e
+    finally: D.train(was)
+    if _shape(out) != (real.shape[0],): raise ValueError(f"The discriminator must return one score per image, shape ({real.shape[0]},), got {_shape(out)}")
 
 # %% ../nbs/02_distill.ipynb #f2ffdf99
 @patch
 def before_fit(self:DistillationCallback):
-    "Move and freeze the teacher, set the critic up, hook the pairs, check shapes on a training batch, add the metric columns"
+    "Check the setup on a training batch, move and freeze the teacher, set the critic up, hook the pairs, add the metric columns"
     if not _fitting(self.learn): # `get_preds`/`validate`: idle; when no fit is running, clear what an interrupted one left
         if not _fit_running(self.learn): self._teardown()
         return
     self._teardown() # what an interrupted fit left
-    if self.teacher is None: raise ValueError("This DistillationCallback has no teacher (exported learners do not keep it): set `cb.teacher` or remove the callback")
+    self.check() # errors before anything changes
     self._teacher_was_training = self.teacher.training
     try:
         dev = _model_device(self.learn.model)
@@ -346,8 +365,6 @@ def before_fit(self:DistillationCallback):
             _broadcast_state(self.critic.discriminator)
         self.teacher.eval()
         self._register_hooks()
-        xb = to_device(self.dls.train.one_batch()[:self.dls.train.n_inp], dev)
-        self._check(tuple(x[:2] for x in xb))
     except Exception: # leave the Learner as it was: no hooks, no columns, teacher mode
         self._remove_hooks(); self.teacher.train(self._teacher_was_training)
         raise
@@ -619,40 +636,54 @@ def load(self:Learner, file, device=None, **kwargs):
         if not side.exists(): warnings.warn(f"No critic checkpoint {side}: the critic keeps its current weights")
         else:
             cbs[0].critic.setup(self, cbs[0].teacher)
-            from fastcore.foundation import L
             with torch.serialization.safe_globals([L]): state = torch.load(side, map_location=_model_device(self.model), weights_only=True)
             cbs[0].critic.load_state_dict(state, kwargs.get('with_opt', True))
     return res
 
 Learner.save._fastai, Learner.load._fastai = _fastai_save, _fastai_load
 
+@contextmanager
+def _without(learn:Learner, cbs:list):
+    "Inside the block, `learn` does not hold the callbacks `cbs`; nothing about them changes"
+    old, attrs = learn.cbs, {c.name: learn.__dict__.pop(c.name) for c in cbs if c.name in learn.__dict__}
+    learn.cbs = L(c for c in old if not any(c is x for x in cbs))
+    try: yield learn
+    finally: learn.cbs = old; learn.__dict__.update(attrs)
+
+_export_before = Learner.export
+
+@patch
+@delegates(_export_before)
+def export(self:Learner, fname='export.pkl', **kwargs):
+    "fastai's `export`, without the distillation callbacks: the file holds the student alone, a plain Learner for `load_learner`"
+    with _without(self, [c for c in self.cbs if isinstance(c, DistillationCallback)]): return _export_before(self, fname, **kwargs)
+
 # %% ../nbs/02_distill.ipynb #b630f081
 def _logits_of(model:nn.Module, xb:tuple, what:str)->Tensor:
-    "`model`'s output on the first sample of `xb` (eval mode, no grad, on its device), which must be segmentation logits"
-    was = model.training
-    try:
-        with torch.no_grad(): out = model.eval()(*[x[:1].to(_model_device(model, what)) for x in xb])
-    finally: model.train(was)
+    "`model`'s output on `xb` (eval mode, no grad, on its device), which must be segmentation logits"
+    out = _run_hooked(model, [], xb)[0]
     if not isinstance(out, Tensor) or out.dim() != 4: raise ValueError(f"The holistic term needs segmentation logits (N, C, H, W), the {what} returns {_shape(out)}: use holistic=False")
     return out
 
 def _critic_for_learner(learn:Learner, teacher:nn.Module|Learner)->Discriminator:
     "`critic_for` the maps the critic will score (the student's, at the size of the teacher's, probed on one sample) and the channels of the images"
     if isinstance(teacher, Learner): teacher = teacher.model
-    xb = learn.dls.train.one_batch()[:learn.dls.train.n_inp]
+    xb = probe_batch(learn.dls, 1)
     s, t = _logits_of(_unwrap(learn.model), xb, 'student'), _logits_of(teacher, xb, 'teacher')
     return critic_for(s.shape[1], min(t.shape[-2:]), img_channels=xb[0].shape[1])
 
 @patch
 @delegates(DistillationCallback, but=['teacher', 'pairs', 'critic'])
 def distill(self:Learner, teacher:nn.Module|Learner, # The teacher, or its Learner
-            pairs:list|None=None, # (student layer, teacher layer) pairs for the pair-wise term (`None`: no pair-wise term)
+            pairs:list|str|None=None, # (student layer, teacher layer) pairs for the pair-wise term; 'auto': `auto_pairs` (`unet_learner`, `vision_learner`); `None`: no pair-wise term
             holistic:bool=True, # Add the holistic term and its critic
             critic:Critic|nn.Module|None=None, # The critic, or its discriminator (`None`: a `Critic` of `critic_for` the student's maps)
             **kwargs, # Passed to `DistillationCallback` (weights, `T`, `pool`...)
            )->Learner:
-    "Attach structured knowledge distillation from `teacher` to this Learner; returns it"
+    "Attach structured knowledge distillation from `teacher` to this Learner, checked on a training batch; returns it"
     if not holistic and critic is not None: raise ValueError(f"holistic=False with critic={critic!r}: pass one or the other")
-    if holistic and not isinstance(critic, Critic): critic = Critic(critic if critic is not None else _critic_for_learner(self, teacher))
+    cb = DistillationCallback(teacher, pairs=pairs, critic=(critic if critic is not None else Critic()) if holistic else None, **kwargs)
+    cb.check(self) # before the callback it replaces is removed
+    if holistic and cb.critic.discriminator is None: cb.critic.discriminator = _critic_for_learner(self, cb.teacher)
     self.remove_cbs([c for c in self.cbs if isinstance(c, DistillationCallback)])
-    return self.add_cb(DistillationCallback(teacher, pairs=pairs, critic=critic, **kwargs))
+    return self.add_cb(cb)

@@ -17,6 +17,8 @@ from fastai.callback.core import Callback
 import numbers
 from fastcore.basics import patch
 from fastcore.meta import delegates
+import cloudpickle
+from fastai.learner import Learner
 
 # %% auto #0
 __all__ = ['Ranger', 'TorchLookahead', 'slow_weights', 'SharedStateWrapper', 'ranger', 'SlowWeightsCallback']
@@ -433,6 +435,30 @@ def ranger(params, # Parameters or param groups (fastai passes the splitter's gr
           )->SharedStateWrapper:
     "A drop-in for `fastai.optimizer.ranger`: `Ranger` in an `OptimWrapper`, for `Learner(..., opt_func=ranger)`"
     return SharedStateWrapper(params, opt=Ranger, lr=lr, betas=(mom, sqr_mom), eps=eps, weight_decay=wd, k=k, alpha=alpha, **kwargs)
+
+# %% ../nbs/00_optimizer.ipynb #81003593
+def _exportable(opt_func):
+    "`opt_func` for an export: `ranger`, or a `partial` of it, as a function saved by value that imports ranger_fastai when called"
+    f, kw = opt_func, {}
+    while isinstance(f, functools.partial) and not f.args: f, kw = f.func, {**f.keywords, **kw}
+    if f is not ranger: return opt_func
+    def ranger_from_ranger_fastai(params, **kwargs): # nested: cloudpickle saves it by value
+        try: from ranger_fastai.optimizer import ranger
+        except ImportError as e: raise ImportError("This Learner was exported with opt_func=ranger from ranger_fastai: install ranger_fastai "
+                                                   "to train it (predict and get_preds work without it)") from e
+        return ranger(params, **{**kw, **kwargs})
+    return ranger_from_ranger_fastai
+
+_export_before = Learner.export
+
+@patch
+@delegates(_export_before)
+def export(self:Learner, fname='export.pkl', pickle_module=cloudpickle, **kwargs):
+    "fastai's `export`, with `opt_func=ranger` saved so that the file loads and predicts without ranger_fastai"
+    opt_func = self.opt_func
+    if pickle_module is cloudpickle: self.opt_func = _exportable(opt_func)
+    try: return _export_before(self, fname, pickle_module=pickle_module, **kwargs)
+    finally: self.opt_func = opt_func
 
 # %% ../nbs/00_optimizer.ipynb #307e7dcf
 class SlowWeightsCallback(Callback):

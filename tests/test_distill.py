@@ -104,7 +104,7 @@ def test_teacher_sees_the_students_inputs_just_before_it(tmp_path):
     learn.model.register_forward_hook(lambda m, args, out: seen.append(('student done', args[0])))
     shift = _ShiftInputs()
     learn.fit(1, 1e-2, cbs=[DistillationCallback(teacher, pairs=[('3', '3')], ho_weight=0), shift])
-    calls = seen[3:]  # after before_fit's check (student, then teacher, on two samples)
+    calls = seen[6:]  # after the checks at attach and at before_fit (each: student, then teacher, on two samples)
     assert len(calls) == 3 * len(shift.sent) == 3 * (len(learn.dls.train) + len(learn.dls.valid))
     for i, sent in enumerate(shift.sent):
         names, inputs = zip(*calls[3*i:3*i+3])
@@ -170,7 +170,7 @@ def test_teacher_hook_follows_a_wrapped_student(tmp_path, late):
     where = _WhereIsTheTeacherHook(dist)
     learn.fit(1, 1e-2, cbs=[dist, _LateWrap() if late else ParallelTrainer(device_ids=None), where])
     assert set(where.seen) == {('DataParallel', True)}
-    assert len(calls) == 1 + len(learn.dls.train) + len(learn.dls.valid)  # once per batch (and once for the check)
+    assert len(calls) == 2 + len(learn.dls.train) + len(learn.dls.valid)  # once per batch (and for the checks at attach and at before_fit)
     assert not isinstance(learn.model, nn.DataParallel) and all(len(m._forward_pre_hooks) == 0 for m in learn.model.modules())
 
 # %% unlabelled data, get_preds, show_results
@@ -207,11 +207,11 @@ def test_get_preds_during_a_fit_leaves_the_distillation_running(tmp_path):
     peek = _PredsMidFit(calls)
     dist = DistillationCallback(teacher, pairs=[('3', '3')], critic=D)
     learn.fit(1, 1e-2, cbs=dist)  # the reference: one epoch
-    per_epoch = len(calls) - 1  # before_fit's check runs it once
+    per_epoch = len(calls) - 2  # the checks at attach and at before_fit run it once each
     learn.fit(2, 1e-2, cbs=[dist, peek])
     assert peek.during == 0  # the teacher does not run inside get_preds or validate
     assert peek.res[0] is not None and len(peek.res) > 1 and all(v is None for v in peek.res[1:])  # the columns: not computed by validate
-    assert len(calls) - (per_epoch + 1) == 1 + 2 * per_epoch  # and runs on every batch of both epochs
+    assert len(calls) - (per_epoch + 2) == 2 + 2 * per_epoch  # and runs on every batch of both epochs
     names = learn.recorder.metric_names
     assert 'train_pi_loss' in names and 'train_w_dist' in names and dist._on is False and learn.metrics == []
 
@@ -231,7 +231,7 @@ def _export_size(learn, fname):
     learn.export(fname)
     return (learn.path/fname).stat().st_size
 
-def test_export_excludes_teacher_and_critic(tmp_path):
+def test_export_is_a_plain_student(tmp_path):
     big_teacher = _net(256, seed=1)  # ~600k parameters: 2.4 MB
     learn = _learner(tmp_path)
     plain = _export_size(learn, 'plain.pkl')
@@ -246,10 +246,12 @@ def test_export_excludes_teacher_and_critic(tmp_path):
     assert _export_size(learn, 'kept.pkl') - plain > 2_000_000
     learn.remove_cb(keep)
     learn2 = load_learner(tmp_path/'cbs.pkl')
-    assert learn2.distillation.teacher is None and learn2.distillation.critic is None
+    assert not any(isinstance(c, DistillationCallback) for c in learn2.cbs) and not hasattr(learn2, 'distillation')
+    assert isinstance(learn.distillation, DistillationCallback) and learn.distillation.teacher is big_teacher  # the exporting learner keeps it
     assert learn2.get_preds(dl=learn2.dls.test_dl(range(3)))[0].shape == (3, 3, 16, 16)
     learn2.dls = learn.dls
-    with pytest.raises(ValueError, match='exported learners do not keep it'): learn2.fit(1)
+    learn2.fit(1)  # a plain student
+    assert learn2.recorder.metric_names[1:3] == ['train_loss', 'valid_loss'] and len(learn2.recorder.metric_names) == 4
 
 def test_checkpoint_resume_restores_the_critic(tmp_path):
     learn = _learner(tmp_path).distill(_net(16, seed=1), critic=_disc())
@@ -384,7 +386,7 @@ def test_a_second_student_forward_in_the_batch(tmp_path):
     teacher = _net(16, seed=1)
     calls, learn = _count_forwards(teacher), _learner(tmp_path)
     learn.fit(1, 1e-2, cbs=[DistillationCallback(teacher, pairs=[('3', '3')], ho_weight=0), _Again()])
-    assert len(calls) == 1 + len(learn.dls.train) + len(learn.dls.valid) and learn.recorder.values[-1][2] is not None
+    assert len(calls) == 2 + len(learn.dls.train) + len(learn.dls.valid) and learn.recorder.values[-1][2] is not None
 
 def test_pairs_refuse_dataparallel_on_several_devices(tmp_path):
     "DataParallel replicas would each fire the layer hooks on their slice: a clear error in before_fit, before any step"
