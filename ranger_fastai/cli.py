@@ -4,13 +4,11 @@
 
 # %% ../nbs/05_cli.ipynb #44883e8a
 from __future__ import annotations
-import argparse, ctypes, shlex, sys, warnings
+import argparse, ctypes, re, shlex, sys, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated') # torch's notice about fastai internals, not the user's business
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-import torch
-from fastai.torch_core import num_distrib, rank_distrib
-from .experiments import OPTIMIZERS, VARIANTS, PRESETS, leaderboard_data, distill_data, run_experiments
+from .presets import OPTIMIZER_NAMES, VARIANTS, CLASSIFIERS, SEGMENTERS, ACTIVATIONS, PRESETS
 
 # %% auto #0
 __all__ = ['keep_freed_memory', 'main']
@@ -26,35 +24,73 @@ def _positive(kind):
     f.__name__ = kind.__name__
     return f
 
+class _Parser(argparse.ArgumentParser):
+    "An `ArgumentParser` whose errors are one line (the usage is in `--help`)"
+    def error(self, message): self.exit(2, f"{self.prog}: error: {message}\n")
+
+def _arch_text(arch, width): return f"{arch} width {width}" if arch == 'segnet' else arch
+
+def _default(vals:dict)->str:
+    "'(default: ...)': the value, or the value of each experiment where they differ"
+    if len({str(v) for v in vals.values()}) == 1: return f"(default: {next(iter(vals.values()))})"
+    return '(default: ' + ', '.join(f'{v} {e}' for e,v in vals.items()) + ')'
+
+def _presets(cmd:str)->dict:
+    "The defaults of `cmd`'s options from its preset, as '(default: ...)' texts"
+    pre, res = PRESETS[cmd], {}
+    for e in ('leaderboard', 'distill'):
+        s = pre.get(e)
+        if s is None: continue
+        vals = dict(epochs=s['epochs'], seeds=len(s['seeds']), lr=' '.join(map(str, s['lrs'])) if e == 'leaderboard' else s['lr'], bs=pre[f'{e}_bs'])
+        if e == 'leaderboard': vals['arch'] = s['arch']
+        else: vals.update(teacher_epochs=s['teacher_epochs'], scenes=f"{pre['scenes']['n_train']} {pre['scenes']['n_valid']}",
+                          teacher_arch=_arch_text(s['teacher_arch'], s['teacher_width']), student_arch=_arch_text(s['student_arch'], s['student_width']))
+        for k,v in vals.items(): res.setdefault(k, {})[e] = v
+    return {k: _default(v) for k,v in res.items()}
+
 def _parser()->argparse.ArgumentParser:
     "The parser of the `ranger-fastai` command"
-    p = argparse.ArgumentParser(prog='ranger-fastai', description='Ranger and structured knowledge distillation experiments for fastai')
+    p = _Parser(prog='ranger-fastai', description='Ranger and structured knowledge distillation experiments for fastai')
     sub = p.add_subparsers(dest='command', required=True, metavar='{leaderboard,distill,demo}')
-    helps = dict(leaderboard='optimizer leaderboard: Adam, RAdam, fastai ranger, ranger, ranger + GC with fit_flat_cos',
-                 distill='distillation ablation: teacher, student, + pixel-wise, + pair-wise, + holistic',
+    helps = dict(leaderboard=f"optimizer leaderboard: {', '.join(OPTIMIZER_NAMES)} with fit_flat_cos",
+                 distill=f"distillation ablation: teacher, {', '.join(VARIANTS)}",
                  demo='both, small (a few minutes on 2 CPU cores), on the built-in data')
+    archs = "small models, torchvision's resnets or fastai's xresnets (pretrained=False: random weights unless a weights file is given)"
     for cmd,h in helps.items():
+        d = _presets(cmd)
         s = sub.add_parser(cmd, help=h, description=h)
-        s.add_argument('--out', type=Path, help='report folder (default: ranger_fastai_<command>)')
-        s.add_argument('--epochs', type=_positive(int), help='epochs per run')
-        s.add_argument('--seeds', type=_positive(int), help='number of seeds (0..N-1)')
-        s.add_argument('--lr', type=_positive(float), nargs='+', help='learning rate(s)')
-        s.add_argument('--bs', type=_positive(int), help='batch size')
+        s.add_argument('--out', type=Path, default=Path(f'ranger_fastai_{cmd}'), metavar='DIR', help='report folder (default: %(default)s)')
+        s.add_argument('--epochs', type=_positive(int), metavar='N', help=f"epochs per run {d['epochs']}")
+        s.add_argument('--seeds', type=_positive(int), metavar='N', help=f"number of seeds (0..N-1) {d['seeds']}")
+        s.add_argument('--lr', type=_positive(float), nargs='+', help=f"learning rate(s) {d['lr']}")
+        s.add_argument('--bs', type=_positive(int), metavar='N', help=f"batch size {d['bs']}")
         s.add_argument('--device', choices=['cpu', 'cuda', 'mps'], help='device (default: cuda, else mps, else cpu)')
-        s.add_argument('--threads', type=_positive(int), default=1, help='PyTorch CPU threads (default 1, fastest for small models on small CPUs)')
+        s.add_argument('--threads', type=_positive(int), default=1, metavar='N', help='PyTorch CPU threads (default: %(default)s, fastest for small models on small CPUs)')
         if cmd != 'demo':
-            s.add_argument('--data', type=Path, help='your data: an ImageFolder tree (leaderboard) or a CamVid-style folder (distill)')
-            s.add_argument('--size', type=_positive(int), help='resize --data images (centre crop) to SIZE x SIZE')
-        if cmd != 'distill': s.add_argument('--optimizers', nargs='+', choices=list(OPTIMIZERS), metavar='NAME', help=f'subset of {list(OPTIMIZERS)}')
+            s.add_argument('--data', type=Path, help='your data: an ImageFolder tree (leaderboard) or a CamVid-style folder (distill) (default: the built-in digits)')
+            s.add_argument('--size', type=_positive(int), metavar='N', help="resize --data images (centre crop) to N x N (default: the images' own size)")
+        if cmd == 'leaderboard':
+            s.add_argument('--arch', choices=CLASSIFIERS, metavar='NAME', help=f"the model, one of {', '.join(CLASSIFIERS)}: {archs} {d['arch']}")
+            s.add_argument('--act', choices=ACTIVATIONS, help='xresnet archs: the activation (default: relu; the Imagenette leaderboard record: mish)')
+            s.add_argument('--sa', action='store_true', help='xresnet archs: self-attention, as in the Imagenette leaderboard record (default: off)')
+            s.add_argument('--weights', type=Path, metavar='FILE', help='weights of the resnet/xresnet body: a local state dict file of the arch, nothing downloaded (default: none)')
+        if cmd != 'distill': s.add_argument('--optimizers', nargs='+', choices=OPTIMIZER_NAMES, metavar='NAME', help=f'subset of {OPTIMIZER_NAMES} (default: all)')
         if cmd != 'leaderboard':
-            s.add_argument('--teacher-epochs', type=_positive(int), help="epochs of the teacher")
-            s.add_argument('--variants', nargs='+', choices=list(VARIANTS), metavar='NAME', help=f'subset of {list(VARIANTS)}')
-            s.add_argument('--scenes', type=_positive(int), nargs=2, metavar=('N_TRAIN', 'N_VALID'), help='number of built-in digit scenes')
+            s.add_argument('--teacher-epochs', type=_positive(int), metavar='N', help=f"epochs of the teacher {d['teacher_epochs']}")
+            s.add_argument('--variants', nargs='+', choices=list(VARIANTS), metavar='NAME', help=f'subset of {list(VARIANTS)} (default: all)')
+            s.add_argument('--scenes', type=_positive(int), nargs=2, metavar=('N_TRAIN', 'N_VALID'), help=f"number of built-in digit scenes {d['scenes']}")
+        if cmd == 'distill':
+            for who in ('teacher', 'student'):
+                s.add_argument(f'--{who}-arch', choices=SEGMENTERS, metavar='NAME', help=f"the {who}, one of {', '.join(SEGMENTERS)}: SegNet or the encoder of a unet_learner {d[f'{who}_arch']}")
+            s.add_argument('--teacher', type=Path, metavar='FILE', help='a trained teacher, not trained again: an exported Learner (.pkl, learn.export()) or a state dict of --teacher-arch (default: train one)')
+            for who in ('teacher', 'student'):
+                s.add_argument(f'--{who}-weights', type=Path, metavar='FILE', help=f'weights of the {who} encoder (resnet/xresnet): a local state dict file of its arch (default: none)')
     return p
 
 # %% ../nbs/05_cli.ipynb #bf0fb5be
-def _device(name:str|None)->torch.device:
+def _device(name:str|None):
     "The `torch.device` for `--device` (`None`: cuda if available, else mps, else cpu); `ValueError` if unavailable"
+    import torch
     mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
     if name is None: return torch.device('cuda' if torch.cuda.is_available() else 'mps' if mps else 'cpu')
     if name == 'cuda' and not torch.cuda.is_available(): raise ValueError(f"--device cuda: CUDA is not available (torch {torch.__version__} sees no CUDA GPU)")
@@ -62,9 +98,22 @@ def _device(name:str|None)->torch.device:
     return torch.device(name)
 
 # %% ../nbs/05_cli.ipynb #a486afed
+def _check_xresnet(arch:str, o:dict):
+    "Raise if `--act` or `--sa` is given for a model that is not an xresnet"
+    given = ([f"--act {o['act']}"] if o.get('act') else []) + (['--sa'] if o.get('sa') else [])
+    if given and not arch.startswith('xresnet'): raise ValueError(f"{' and '.join(given)}: options of the xresnet archs, not of --arch {arch}")
+
+def _check_teacher(o:dict):
+    "Raise if `--teacher` comes with an option for training a teacher"
+    t = o.get('teacher')
+    if t is None: return
+    for k in ('teacher_epochs', 'teacher_weights'):
+        if o.get(k): raise ValueError(f"--{k.replace('_', '-')} {o[k]} with --teacher {t}: a given teacher is not trained again")
+    if t.suffix == '.pkl' and o.get('teacher_arch'): raise ValueError(f"--teacher-arch {o['teacher_arch']} with --teacher {t}: an exported Learner holds its own model (--teacher-arch is for a state dict file)")
+
 def _settings(a:argparse.Namespace)->dict:
     "`leaderboard` and `distill` settings (`None` to skip one) from the preset of `a.command` and the options"
-    pre = PRESETS[a.command]
+    pre, o = PRESETS[a.command], vars(a)
     lb = ds = None
     if pre.get('leaderboard') is not None:
         lb = dict(pre['leaderboard'])
@@ -72,6 +121,8 @@ def _settings(a:argparse.Namespace)->dict:
         if a.seeds: lb['seeds'] = list(range(a.seeds))
         if a.lr: lb['lrs'] = a.lr
         if a.optimizers: lb['optimizers'] = a.optimizers
+        lb.update({k: o[k] for k in ('arch', 'act', 'sa') if o.get(k)})
+        _check_xresnet(lb['arch'], o)
     if pre.get('distill') is not None:
         ds = dict(pre['distill'])
         if a.epochs: ds['epochs'] = a.epochs
@@ -81,11 +132,14 @@ def _settings(a:argparse.Namespace)->dict:
             if len(a.lr) > 1: raise ValueError(f"--lr: distill takes one learning rate, got {len(a.lr)}")
             ds['lr'] = a.lr[0]
         if a.variants: ds['variants'] = [v for v in VARIANTS if v in a.variants]
+        ds.update({k: o[k] for k in ('teacher_arch', 'student_arch') if o.get(k)})
+        _check_teacher(o)
     return dict(leaderboard=lb, distill=ds)
 
 # %% ../nbs/05_cli.ipynb #e59a4e4f
 def _data(a, settings:dict, device)->dict:
     "Build the `DataLoaders` of each experiment into `settings`; the data descriptions"
+    from ranger_fastai.experiments import leaderboard_data, distill_data
     pre, info = PRESETS[a.command], {}
     data, size = getattr(a, 'data', None), getattr(a, 'size', None)
     if settings['leaderboard'] is not None:
@@ -99,10 +153,26 @@ def _data(a, settings:dict, device)->dict:
 
 def _scene_text(scenes:dict)->str: return ', '.join(f'{k}={v}' for k,v in scenes.items())
 
+def _models(a, settings:dict)->dict:
+    "Load and check the files of `--weights`, `--teacher-weights`, `--student-weights` and `--teacher` into `settings`; the files, for the report"
+    from ranger_fastai.experiments import load_weights, load_teacher
+    o, lb, ds = vars(a), settings['leaderboard'], settings['distill']
+    if o.get('weights'): lb['weights'] = load_weights(a.weights, lb['arch'], 'weights', lb.get('act', 'relu'), lb.get('sa', False))
+    for k in ('teacher_weights', 'student_weights'):
+        if o.get(k): ds[k] = load_weights(o[k], ds[k.replace('weights', 'arch')], k)
+    if o.get('teacher'): ds['teacher'] = load_teacher(a.teacher, ds['dls'], ds['teacher_arch'], ds['teacher_width'])
+    return {k: str(o[k]) for k in ('weights', 'teacher_weights', 'student_weights', 'teacher') if o.get(k)}
+
+def _as_options(msg:str, options)->str:
+    "`msg` with the library's `name=` of each of `options` written as the command's `--name `"
+    names = '|'.join(sorted(options, key=len, reverse=True))
+    return re.sub(rf"\b({names})=", lambda m: f"--{m[1].replace('_', '-')} ", msg)
+
 # %% ../nbs/05_cli.ipynb #050f65ee
 @contextmanager
-def _processes(device:torch.device):
+def _processes(device):
     "Under a launcher (`WORLD_SIZE` set): join its process group, give this process's device and fastai's `DistributedTrainer`; else `device` and no callbacks"
+    from fastai.torch_core import num_distrib
     if not num_distrib():
         yield device, []
         return
@@ -129,17 +199,20 @@ def main(argv:list|None=None, # Arguments (default: the command line)
     a = p.parse_args(argv)
     if argv is None: keep_freed_memory() # run as the command: this process is ours (not when called from your Python code)
     argv = sys.argv[1:] if argv is None else argv
-    fail = lambda e: p.exit(2, f"ranger-fastai {a.command}: error: {e}\n")
+    fail = lambda e: p.exit(2, f"ranger-fastai {a.command}: error: {_as_options(str(e), vars(a))}\n")
+    import torch # here, not at the top: `--help` and errors of the options need neither torch nor fastai
+    from fastai.torch_core import num_distrib, rank_distrib
+    from ranger_fastai.experiments import run_experiments
     torch.set_num_threads(a.threads)
     with ExitStack() as stack: # leaves the process group (if any) on every way out
         try:
             device, cbs = stack.enter_context(_processes(_device(a.device)))
             settings = _settings(a)
             info = _data(a, settings, device)
+            info.update(_models(a, settings))
         except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e: fail(e)
-        out = a.out or Path(f'ranger_fastai_{a.command}')
         config = dict(command=shlex.join(['ranger-fastai', *map(str, argv)]), device=str(device), threads=a.threads,
                       processes=max(num_distrib(), 1), **info)
         rank0 = rank_distrib() == 0 # progress, log lines and the report: rank 0 only
-        res = run_experiments(out, settings['leaderboard'], settings['distill'], config=config, cbs=cbs, bar=rank0, log=print if rank0 else None)
+        res = run_experiments(a.out, settings['leaderboard'], settings['distill'], config=config, cbs=cbs, bar=rank0, log=print if rank0 else None)
     if res is not None and res['interrupted']: raise SystemExit(130)

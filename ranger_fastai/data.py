@@ -248,15 +248,23 @@ def _need(p:Path, what:str):
 
 def _examples(xs, n=3): return ', '.join(str(x) for x in list(xs)[:n]) + (f' (and {len(xs)-n} more)' if len(xs) > n else '')
 
+def _open(f:Path):
+    "`f` opened with PIL and checked (`verify`), or a `ValueError` naming the file"
+    try:
+        im = Image.open(f)
+        im.verify() # reads the file through (a PNG's chunks and checksums) without decoding it
+        return im
+    except (OSError, SyntaxError, ValueError) as e: raise ValueError(f"Cannot read image {f}: {e}") from None
+
 def _check_sizes(pairs, size):
-    "Raise unless each (image, mask) pair matches in size and, when `size` is None, all images share one size"
+    "Raise unless each (image, mask) pair can be read and matches in size and, when `size` is None, all images share one size"
     sizes = set()
     for im,m in pairs:
-        with Image.open(im) as a, Image.open(m) as b:
+        with _open(im) as a, _open(m) as b:
             if a.size != b.size: raise ValueError(f"Mask {m.name} is {b.size[0]}x{b.size[1]} but image {im.name} is {a.size[0]}x{a.size[1]}")
             if b.mode not in ('L', 'P', 'I', 'I;16'): raise ValueError(f"Mask {m.name} has mode {b.mode!r}: expected one channel of labels (mode 'L' or 'P')")
             sizes.add(a.size)
-    if size is None and len(sizes) > 1: raise ValueError(f"Images have different sizes ({_examples(sorted(sizes))}): pass size= to resize them")
+    if size is None and len(sizes) > 1: raise ValueError(f"Images have different sizes ({_examples(sorted(sizes))}): pass size=N to resize them")
 
 def _check_labels(masks, n_codes, void):
     "Raise if a mask holds a label `>= n_codes` (other than `void`)"
@@ -266,9 +274,11 @@ def _check_labels(masks, n_codes, void):
         if len(bad): raise ValueError(f"Mask {m.name} holds labels {bad.tolist()} outside codes.txt ({n_codes} codes: 0..{n_codes-1})")
 
 class _MaskPath:
-    "Picklable: the path of the mask of image `fn` (`labels/<stem>_P<ext>`)"
+    "Picklable: the path of the mask of image `fn`, `labels/<stem>_P.png` or `labels/<stem>.png` (the first that exists), whatever the image's extension"
     def __init__(self, path): self.path = Path(path)
-    def __call__(self, fn): return self.path/'labels'/f'{fn.stem}_P{fn.suffix}'
+    def __call__(self, fn):
+        cands = [self.path/'labels'/f'{fn.stem}{s}.png' for s in ('_P', '')]
+        return next((c for c in cands if c.exists()), cands[0])
 
 # %% ../nbs/03_data.ipynb #7d01e9cb
 def camvid_dls(path, # A folder with `images/`, `labels/`, `codes.txt`, `valid.txt`
@@ -296,7 +306,7 @@ def camvid_dls(path, # A folder with `images/`, `labels/`, `codes.txt`, `valid.t
     if len(valid) == len(imgs): raise ValueError(f"Empty train split: every image in {path/'images'} is named in valid.txt")
     get_y = _MaskPath(path)
     missing = [f.name for f in imgs if not get_y(f).exists()]
-    if missing: raise ValueError(f"{len(missing)} images have no mask labels/<stem>_P<ext>: {_examples(missing)}")
+    if missing: raise ValueError(f"{len(missing)} images have no mask labels/<stem>_P.png or labels/<stem>.png: {_examples(missing)}")
     _check_sizes([(f, get_y(f)) for f in imgs], size)
     _check_labels([get_y(f) for f in imgs], len(codes), void)
     dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes)), get_y=get_y, splitter=IndexSplitter(valid),
@@ -364,15 +374,17 @@ def image_folder_dls(path, # A folder with `train/<class>/` and `valid/<class>/`
     files = {d.name: sorted(get_image_files(d)) for d in (trn_dir, val_dir)}
     for d,fs in files.items():
         if not fs: raise ValueError(f"Empty {d} split: no images in {path/d}")
+    for d in (trn_dir, val_dir):
+        empty = [c for c in sorted(d.iterdir()) if c.is_dir() and not get_image_files(c)]
+        if empty: raise ValueError(f"Empty class folder: no images in {_examples(empty)}")
     classes = {d: {f.parent.name for f in fs} for d,fs in files.items()}
     extra = classes[val_dir.name] - classes['train']
     if extra: raise ValueError(f"Classes in {val_dir.name}/ but not in train/: {_examples(sorted(extra))}")
     items = files['train'] + files[val_dir.name]
-    if size is None:
-        sizes = set()
-        for f in items:
-            with Image.open(f) as im: sizes.add(im.size)
-        if len(sizes) > 1: raise ValueError(f"Images have different sizes ({_examples(sorted(sizes))}): pass size= to resize them")
+    sizes = set()
+    for f in items:
+        with _open(f) as im: sizes.add(im.size)
+    if size is None and len(sizes) > 1: raise ValueError(f"Images have different sizes ({_examples(sorted(sizes))}): pass size=N to resize them")
     tfms = (_digit_augs() if augment else []) + list(batch_tfms or [])
     dblock = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=sorted(classes['train']))), get_y=parent_label,
                        splitter=IndexSplitter(range(len(files['train']), len(items))),

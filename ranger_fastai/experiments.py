@@ -5,6 +5,7 @@
 # %% ../nbs/06_experiments.ipynb #f54d2868
 from __future__ import annotations
 import json, math, platform, random, time
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 import numpy as np
@@ -13,12 +14,18 @@ import torch.nn.functional as F
 from torch import nn
 import fastai
 from fastai.imports import noop # the `noop` fastai compares `learn.logger` with
-from fastai.learner import Learner
+from fastai.learner import Learner, load_learner
 from fastai.layers import ConvLayer
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam, RAdam, ranger as fastai_ranger
 from fastai.torch_core import Module, set_seed
+from fastai.data.transforms import Normalize
+from fastai.vision.core import imagenet_stats
+from fastai.vision.learner import vision_learner, unet_learner, model_meta
+from fastai.vision.models import resnet18, resnet34, resnet50
+from fastai.vision.models.xresnet import xresnet18, xresnet34, xresnet50
+from fastai.vision.models.unet import DynamicUnet
 from fastai.callback.schedule import fit_flat_cos # adds `Learner.fit_flat_cos`
 from fastai.callback.progress import ProgressCallback
 from .optimizer import ranger
@@ -26,12 +33,13 @@ from .metrics import MeanIoU
 from .losses import critic_for
 from .distill import Critic # and `Learner.distill`
 from .data import digits_dls, digit_scenes_dls, image_folder_dls, camvid_dls
+from .presets import VARIANTS, BACKBONES, CLASSIFIERS, SEGMENTERS, SCENES, PRESETS
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'VARIANTS', 'SCENES', 'PRESETS', 'small_cnn', 'SegNet', 'run_leaderboard', 'leaderboard_table',
-           'ranger_agreement', 'plot_leaderboard', 'run_distill', 'distill_table', 'show_predictions',
-           'leaderboard_data', 'distill_data', 'leaderboard_markdown', 'distill_markdown', 'write_report',
-           'run_experiments']
+__all__ = ['ARCHS', 'ACTS', 'OPTIMIZERS', 'small_cnn', 'SegNet', 'load_weights', 'classifier_learner', 'segmentation_learner',
+           'decoder_pairs', 'run_leaderboard', 'leaderboard_table', 'ranger_agreement', 'plot_leaderboard',
+           'load_teacher', 'run_distill', 'distill_table', 'show_predictions', 'leaderboard_data', 'distill_data',
+           'leaderboard_markdown', 'distill_markdown', 'write_report', 'run_experiments']
 
 # %% ../nbs/06_experiments.ipynb #432c6949
 def small_cnn(n_classes:int=10, # Number of classes
@@ -66,15 +74,145 @@ class SegNet(Module):
         d2 = self.dec2(torch.cat([_up(d3, e2), e2], 1))
         return self.head(self.dec1(torch.cat([_up(d2, e1), e1], 1)))
 
+# %% ../nbs/06_experiments.ipynb #e0a1b202
+ARCHS = {'resnet18': resnet18, 'resnet34': resnet34, 'resnet50': resnet50,
+         'xresnet18': xresnet18, 'xresnet34': xresnet34, 'xresnet50': xresnet50}
+ACTS = {'relu': nn.ReLU, 'mish': nn.Mish}
+
+# %% ../nbs/06_experiments.ipynb #e0a1b205
+def _check_arch(name, arch, known):
+    if arch not in known: raise ValueError(f"Unknown {name}={arch!r}: expected one of {list(known)}")
+
+def _xkw(arch:str, act:str='relu', sa:bool=False)->dict:
+    "The arguments of an xresnet `arch` for activation `act` and self-attention `sa`"
+    _check_arch('act', act, ACTS)
+    if not arch.startswith('xresnet'):
+        if act != 'relu' or sa: raise ValueError(f"act={act!r}, sa={sa!r}: Mish and self-attention are options of the xresnet archs, not of arch={arch!r}")
+        return {}
+    return dict(act_cls=ACTS[act], sa=sa)
+
+def _label(weights, name): return f"{name}=<state dict>" if isinstance(weights, Mapping) else f"{name}={weights}"
+
+def _state_dict(weights, name:str)->Mapping:
+    "`weights` if a state dict, else the one in file `weights` (`torch.save(model.state_dict())`, or fastai's `learn.save`)"
+    sd = weights
+    if not isinstance(weights, Mapping):
+        f = Path(weights)
+        if not f.is_file(): raise FileNotFoundError(f"{name}={f}: no such file")
+        try: sd = torch.load(f, map_location='cpu', weights_only=True)
+        except Exception as e: raise ValueError(f"{name}={f}: not a PyTorch state dict file ({type(e).__name__})") from None
+        if isinstance(sd, Mapping) and set(sd) == {'model', 'opt'}: sd = sd['model'] # what `learn.save` writes
+    if not (isinstance(sd, Mapping) and sd and all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise ValueError(f"{_label(weights, name)}: not a state dict (parameter names to tensors)")
+    return sd
+
+def _check_fits(sd:Mapping, want:Mapping, label:str, what:str, exact:bool=False):
+    "Raise unless `sd` has every key of `want` with its shape (and no other key if `exact`)"
+    missing, other = [k for k in want if k not in sd], [k for k in sd if k not in want] if exact else []
+    shapes = [k for k in want if k in sd and sd[k].shape != want[k].shape]
+    msg = [f"{len(ks)} {kind} ({', '.join(ks[:3])}{', ...' if len(ks) > 3 else ''})" for kind,ks in (('missing keys', missing), ('unexpected keys', other)) if ks]
+    if shapes: msg.append(f"{len(shapes)} of another shape ({shapes[0]}: {tuple(sd[shapes[0]].shape)} in the file, {tuple(want[shapes[0]].shape)} in {what})")
+    if msg: raise ValueError(f"{label} does not fit {what}: {'; '.join(msg)}")
+
+def _body_params(arch:str, **kwargs)->tuple:
+    "The children of `arch` its body keeps, and the body's parameters and buffers by key, built on the meta device (nothing allocated)"
+    with torch.device('meta'): m = ARCHS[arch](**kwargs)
+    kept = [n for n,_ in m.named_children()][:model_meta[ARCHS[arch]]['cut']]
+    return kept, {k: v for k,v in m.state_dict().items() if k.split('.')[0] in kept}
+
+# %% ../nbs/06_experiments.ipynb #e0a1b206
+def load_weights(weights:str|Path|Mapping, # A state dict of `arch` (e.g. torchvision's), or its file (`torch.save`, fastai's `learn.save`)
+                 arch:str, # A name in `BACKBONES`
+                 name:str='weights', # The argument named in errors
+                 act:str='relu', # xresnet: the activation (a name in `ACTIVATIONS`)
+                 sa:bool=False, # xresnet: self-attention
+                )->dict:
+    "The weights of `arch`'s body (the layers `vision_learner` and `unet_learner` keep) from `weights`, checked key by key"
+    if arch not in ARCHS: raise ValueError(f"{_label(weights, name)}: {arch} has no pretrained body to load weights into (only {', '.join(BACKBONES)} have)")
+    sd = _state_dict(weights, name)
+    _, want = _body_params(arch, **_xkw(arch, act, sa))
+    _check_fits(sd, want, _label(weights, name), f"the body of {arch}")
+    return {k: sd[k] for k in want}
+
+def _load_body(body:nn.Module, weights:Mapping, arch:str, **kwargs):
+    "Load `weights`, keyed as in `arch` (see `load_weights`), into `body`, its first children as one `nn.Sequential`"
+    kept, _ = _body_params(arch, **kwargs)
+    pos = {n: str(i) for i,n in enumerate(kept)}
+    body.load_state_dict({pos[k.split('.', 1)[0]] + '.' + k.split('.', 1)[1]: v for k,v in weights.items()})
+
+def _normalize(dls, mean, std):
+    "Add `Normalize` with `mean` and `std` to `dls`' batch transforms unless they have one (as fastai's learners do for pretrained weights)"
+    if not dls.after_batch.fs.filter(lambda t: isinstance(t, Normalize)): dls.add_tfms([Normalize.from_stats(mean, std)], 'after_batch')
+
+# %% ../nbs/06_experiments.ipynb #e0a1b209
+def classifier_learner(dls, # Classification `DataLoaders`
+                       arch:str='small_cnn', # A name in `CLASSIFIERS`
+                       width:int=16, # `small_cnn`'s width
+                       act:str='relu', # xresnet: the activation (a name in `ACTIVATIONS`)
+                       sa:bool=False, # xresnet: self-attention
+                       weights:str|Path|Mapping|None=None, # Weights of the body (see `load_weights`)
+                       n_in:int=3, # Input channels
+                       **kwargs, # Passed to `Learner` (`loss_func`, `opt_func`, `metrics`, `cbs`...)
+                      )->Learner:
+    "A classifier `Learner`: `small_cnn`, a torchvision resnet through `vision_learner(pretrained=False)`, or fastai's `xresnet` (`act`, `sa`)"
+    _check_arch('arch', arch, CLASSIFIERS)
+    xkw = _xkw(arch, act, sa)
+    w = None if weights is None else load_weights(weights, arch, act=act, sa=sa)
+    if arch == 'small_cnn': return Learner(dls, small_cnn(dls.c, width, n_in), **kwargs)
+    if xkw: # as fastai's Imagenette leaderboard trains them: the whole xresnet, its own head
+        learn = Learner(dls, ARCHS[arch](n_out=dls.c, c_in=n_in, **xkw), **kwargs)
+        body = nn.Sequential(*list(learn.model)[:model_meta[ARCHS[arch]]['cut']])
+    else:
+        learn = vision_learner(dls, ARCHS[arch], pretrained=False, n_in=n_in, **kwargs)
+        body = learn.model[0]
+    if w is not None: _load_body(body, w, arch, **xkw); _normalize(dls, *imagenet_stats)
+    return learn
+
+# %% ../nbs/06_experiments.ipynb #e0a1b20c
+def segmentation_learner(dls, # Segmentation `DataLoaders` (with `dls.vocab`)
+                         arch:str='segnet', # A name in `SEGMENTERS`
+                         width:int=16, # `SegNet`'s width
+                         weights:str|Path|Mapping|None=None, # Weights of the encoder (see `load_weights`)
+                         n_in:int=3, # Input channels
+                         **kwargs, # Passed to `Learner` (`loss_func`, `opt_func`, `metrics`, `cbs`...)
+                        )->Learner:
+    "A segmentation `Learner`: `SegNet`, or fastai's `unet_learner(dls, arch, pretrained=False)` with its encoder loaded from `weights`"
+    _check_arch('arch', arch, SEGMENTERS)
+    w = None if weights is None else load_weights(weights, arch)
+    if arch == 'segnet': return Learner(dls, SegNet(len(dls.vocab), width, n_in), **kwargs)
+    learn = unet_learner(dls, ARCHS[arch], pretrained=False, n_out=len(dls.vocab), n_in=n_in, **kwargs)
+    if w is not None: _load_body(learn.model[0], w, arch); _normalize(dls, *imagenet_stats)
+    return learn
+
+# %% ../nbs/06_experiments.ipynb #e0a1b20f
+def _stage4(m)->str:
+    "The decoder layer at stride 4 of a `SegNet` or a `DynamicUnet` (a model or an arch name)"
+    if m == 'segnet' or isinstance(m, SegNet): return 'dec3'
+    if m in BACKBONES or isinstance(m, DynamicUnet): return 'layers.6'
+    raise ValueError(f"No default pair-wise layer for a {type(m).__name__} teacher: pass pairs=[(student_layer, teacher_layer)]")
+
+def decoder_pairs(student, # The student: an arch name in `SEGMENTERS`, or its model
+                  teacher, # The teacher: an arch name in `SEGMENTERS`, or its model
+                 )->list:
+    "The pair-wise term's default layers: the decoder stage at stride 4 of each (`SegNet`'s `dec3`, `DynamicUnet`'s `layers.6`)"
+    return [(_stage4(student), _stage4(teacher))]
+
 # %% ../nbs/06_experiments.ipynb #b3ce944b
 def _n_params(m:nn.Module)->int: return sum(p.numel() for p in m.parameters())
 
-def _learner(dls, model, metric, opt_func, cbs, bar:bool)->Learner:
-    "A `Learner` with cross-entropy (over axis 1 for `MeanIoU`), no metrics table printed, and a progress bar if `bar`"
-    learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(axis=1) if isinstance(metric, MeanIoU) else CrossEntropyLossFlat(), opt_func=opt_func, metrics=metric, cbs=list(cbs or []))
+def _fit_kwargs(metric, opt_func, cbs)->dict:
+    "The `Learner` arguments of a run: cross-entropy (over axis 1 for `MeanIoU`), `metric`, `opt_func`, `cbs`"
+    return dict(loss_func=CrossEntropyLossFlat(axis=1) if isinstance(metric, MeanIoU) else CrossEntropyLossFlat(), opt_func=opt_func, metrics=metric, cbs=list(cbs or []))
+
+def _quiet(learn:Learner, bar:bool)->Learner:
+    "`learn` with no metrics table printed, and a progress bar if `bar`"
     learn.logger = noop # no metrics table: one line per run instead
     if not bar: learn.remove_cb(ProgressCallback)
     return learn
+
+def _learner(dls, model, metric, opt_func, cbs, bar:bool)->Learner:
+    "A `Learner` of `model` for a run"
+    return _quiet(Learner(dls, model, **_fit_kwargs(metric, opt_func, cbs)), bar)
 
 def _seed(dls, seed:int):
     "Seed torch, numpy and Python, and the batch order of each of `dls`' loaders: runs with one seed see the same batches"
@@ -89,6 +227,20 @@ def _fit(learn:Learner, epochs:int, lr:float)->dict:
     vals = [list(map(float, v)) for v in learn.recorder.values]
     return dict(metric=vals[-1][2], curve=[v[2] for v in vals], train_loss=[v[0] for v in vals],
                 valid_loss=[v[1] for v in vals], time=secs)
+
+def _evaluate(learn:Learner)->dict:
+    "Validate `learn` without training it; `_fit`'s keys"
+    start = time.perf_counter()
+    loss, metric = learn.validate()
+    return dict(metric=float(metric), curve=[], train_loss=[], valid_loss=[float(loss)], time=time.perf_counter() - start)
+
+def _describe(arch:str, width:int=16, act:str='relu', sa:bool=False, weights=None, seg:bool=False)->str:
+    "The model of a run, in words"
+    if arch in ('small_cnn', 'segnet'): return f"{'SegNet' if seg else 'small_cnn'} (width {width})"
+    how = ['unet_learner'] if seg else ['vision_learner'] if arch.startswith('resnet') else []
+    how += (['Mish'] if act == 'mish' else []) + (['self-attention'] if sa else []) + (['weights from a file'] if weights is not None else [])
+    name = f'{arch} U-Net' if seg else arch
+    return f"{name} ({', '.join(how)})" if how else name
 
 # %% ../nbs/06_experiments.ipynb #a52b2086
 OPTIMIZERS = {'Adam': Adam, 'RAdam': RAdam, 'fastai ranger': fastai_ranger,
@@ -111,23 +263,29 @@ def run_leaderboard(dls, # Classification `DataLoaders` (e.g. `digits_dls()`)
                     lrs:list=(3e-3, 1e-2, 3e-2), # Learning rates, each tried with every optimizer and seed
                     seeds:list=(0, 1, 2), # Seeds (model initialisation and batch order)
                     epochs:int=5, # Epochs of `fit_flat_cos` per run
+                    arch:str='small_cnn', # The model: a name in `CLASSIFIERS` (see `classifier_learner`)
                     width:int=16, # `small_cnn`'s width
+                    act:str='relu', # xresnet: the activation (a name in `ACTIVATIONS`)
+                    sa:bool=False, # xresnet: self-attention
+                    weights:str|Path|Mapping|None=None, # Weights of the model's body, loaded before every run (see `load_weights`)
                     runs:list|None=None, # Finished runs are appended here as they finish (kept if interrupted)
                     cbs:list|None=None, # Extra callbacks for every `Learner`
                     bar:bool=True, # Show a progress bar per run
                     log=print, # Called with a line after each run (`None`: quiet)
                    )->list:
-    "Train `small_cnn` with each optimizer, learning rate and seed; the list of runs"
+    "Train `arch` with each optimizer, learning rate and seed; the list of runs"
     optimizers = list(OPTIMIZERS) if optimizers is None else list(optimizers)
     _check_names('optimizers', optimizers, OPTIMIZERS); _check_list('lrs', list(lrs), float)
-    _check_list('seeds', list(seeds), int); _check_epochs('epochs', epochs)
+    _check_list('seeds', list(seeds), int); _check_epochs('epochs', epochs); _check_arch('arch', arch, CLASSIFIERS); _xkw(arch, act, sa)
+    if weights is not None: weights = load_weights(weights, arch, act=act, sa=sa)
     runs = [] if runs is None else runs
     jobs = [(o, lr, s) for lr in lrs for s in seeds for o in optimizers]
     c_in = dls.one_batch()[0].shape[1]
     for i,(o,lr,s) in enumerate(jobs):
         _seed(dls, s)
-        learn = _learner(dls, small_cnn(dls.c, width, c_in), accuracy, OPTIMIZERS[o], cbs, bar)
-        r = dict(experiment='leaderboard', optimizer=o, lr=lr, seed=s, epochs=epochs, **_fit(learn, epochs, lr))
+        learn = _quiet(classifier_learner(dls, arch, width, act, sa, weights, c_in, **_fit_kwargs(accuracy, OPTIMIZERS[o], cbs)), bar)
+        r = dict(experiment='leaderboard', optimizer=o, lr=lr, seed=s, epochs=epochs, model=_describe(arch, width, act, sa, weights),
+                 params=_n_params(learn.model), **_fit(learn, epochs, lr))
         r['accuracy'] = r.pop('metric')
         runs.append(r)
         if log: log(f"[{i+1}/{len(jobs)}] {o:13s} lr={lr:g} seed={s}: accuracy {r['accuracy']:.4f} ({r['time']:.1f}s)")
@@ -186,19 +344,47 @@ def plot_leaderboard(runs:list, # Runs from `run_leaderboard`
     if fname is not None: fig.savefig(fname, dpi=90); plt.close(fig)
     return fig
 
-# %% ../nbs/06_experiments.ipynb #a0e3deee
-VARIANTS = {'student': (), '+ pixel-wise': ('pi',), '+ pair-wise': ('pi', 'pa'), '+ holistic': ('pi', 'pa', 'ho')}
+# %% ../nbs/06_experiments.ipynb #e0a1b213
+def _exported_model(f:Path, dls, name:str)->nn.Module:
+    "The model of the exported `Learner` in file `f`; its normalization, if any, added to `dls`"
+    try: learn = load_learner(f)
+    except Exception as e: raise ValueError(f"{name}={f}: not an exported fastai Learner (learn.export()): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if not isinstance(learn, Learner): raise ValueError(f"{name}={f}: holds a {type(learn).__name__}, not an exported fastai Learner (learn.export())")
+    for t in learn.dls.after_batch.fs.filter(lambda t: isinstance(t, Normalize)): _normalize(dls, t.mean.flatten().tolist(), t.std.flatten().tolist())
+    return learn.model
+
+def load_teacher(teacher:nn.Module|Learner|str|Path, # A model, a `Learner`, an exported Learner's file (`.pkl`), or a state dict file of `arch`
+                 dls, # The segmentation `DataLoaders` it is checked on (one batch)
+                 arch:str='segnet', # For a state dict file: the teacher's arch (a name in `SEGMENTERS`)
+                 width:int=16, # For a state dict file of a `SegNet`: its width
+                 name:str='teacher', # The argument named in errors
+                )->nn.Module:
+    "The teacher's model from `teacher`, checked on one batch of `dls`: one output map per class of `dls.vocab`"
+    label = f"{name}={teacher}" if isinstance(teacher, (str, Path)) else f"{name}={type(teacher).__name__}"
+    if isinstance(teacher, Learner): teacher = teacher.model
+    if not isinstance(teacher, nn.Module):
+        f = Path(teacher)
+        if not f.is_file(): raise FileNotFoundError(f"{label}: no such file")
+        if f.suffix == '.pkl': teacher = _exported_model(f, dls, name)
+        else:
+            sd, teacher = _state_dict(f, name), segmentation_learner(dls, arch, width).model
+            _check_fits(sd, teacher.state_dict(), label, f"a {arch} teacher", exact=True)
+            teacher.load_state_dict(sd)
+    xb, n = dls.one_batch()[0], len(dls.vocab)
+    with torch.no_grad(): out = teacher.eval().to(xb.device)(xb)
+    if not (isinstance(out, torch.Tensor) and out.ndim == 4): raise ValueError(f"{label}: not a segmentation model: its output is {tuple(getattr(out, 'shape', ())) or type(out).__name__} for a batch {tuple(xb.shape)}")
+    if out.shape[1] != n: raise ValueError(f"{label} predicts {out.shape[1]} classes, the data has {n}")
+    return teacher
 
 # %% ../nbs/06_experiments.ipynb #ef0cadce
-def _student(dls, w, seed, teacher, terms, weights, T, pairs, pool, d_lr, cbs, bar, n_classes):
-    "A student `Learner` seeded with `seed`, with the distillation `terms` attached"
+def _student(dls, seed, make, teacher, terms, weights, T, pairs, pool, critic):
+    "A student `Learner` (`make()`) seeded with `seed`, with the distillation `terms` attached, then seeded again (probing batches changes no order)"
     _seed(dls, seed)
-    x = dls.one_batch()[0]
-    learn = _learner(dls, SegNet(n_classes, w, x.shape[1]), MeanIoU(n_classes), ranger, cbs, bar)
-    if terms: # the critic made here, not by probing a batch: every variant of a seed sees the same batches
-        critic = Critic(critic_for(n_classes, min(x.shape[-2:]), x.shape[1]), lr=d_lr) if 'ho' in terms else None
-        learn.distill(teacher, pairs=pairs if 'pa' in terms else None, holistic='ho' in terms, critic=critic, T=T, pool=pool,
+    learn = make()
+    if terms:
+        learn.distill(teacher, pairs=pairs if 'pa' in terms else None, holistic='ho' in terms, critic=critic() if 'ho' in terms else None, T=T, pool=pool,
                       **{f'{k}_weight': (weights[k] if k in terms else 0.) for k in ('pi', 'pa', 'ho')})
+    _seed(dls, seed)
     return learn
 
 def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
@@ -207,13 +393,18 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
                 epochs:int=10, # Epochs of each student
                 teacher_epochs:int=10, # Epochs of the teacher
                 lr:float=1e-2, # Learning rate of teacher and students (`fit_flat_cos`, `ranger`)
+                teacher_arch:str='segnet', # The teacher: a name in `SEGMENTERS` (see `segmentation_learner`)
                 teacher_width:int=16, # `SegNet` width of the teacher
+                student_arch:str='segnet', # The students: a name in `SEGMENTERS`
                 student_width:int=4, # `SegNet` width of the students
+                teacher:nn.Module|Learner|str|Path|None=None, # A trained teacher, not trained again (see `load_teacher`); `None`: train one
+                teacher_weights:str|Path|Mapping|None=None, # Weights of the teacher's encoder (see `load_weights`)
+                student_weights:str|Path|Mapping|None=None, # Weights of the students' encoder, loaded into each
                 pi_weight:float=1., # Weight of the pixel-wise term
                 pa_weight:float=1., # Weight of the pair-wise term
                 ho_weight:float=0.1, # Weight of the holistic term
                 T:float=1., # Temperature of the pixel-wise term
-                pairs:list=(('dec3', 'dec3'),), # (student layer, teacher layer) pairs of the pair-wise term
+                pairs:list|None=None, # (student layer, teacher layer) pairs of the pair-wise term (`None`: `decoder_pairs`)
                 pool:int|float|None=None, # Node pooling of the pair-wise term (see `pool_nodes`)
                 d_lr:float=1e-3, # Learning rate of the critic
                 runs:list|None=None, # Finished runs are appended here as they finish (kept if interrupted)
@@ -222,25 +413,34 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
                 bar:bool=True, # Show a progress bar per run
                 log=print, # Called with a line after each run (`None`: quiet)
                )->list:
-    "Train a teacher, then students with each variant and seed; the list of runs (teacher first)"
+    "Train (or take) a teacher, then students with each variant and seed; the list of runs (teacher first)"
     variants = list(VARIANTS) if variants is None else list(variants)
     _check_names('variants', variants, VARIANTS); _check_list('seeds', list(seeds), int)
     _check_epochs('epochs', epochs); _check_epochs('teacher_epochs', teacher_epochs)
+    _check_arch('teacher_arch', teacher_arch, SEGMENTERS); _check_arch('student_arch', student_arch, SEGMENTERS)
+    if teacher is not None and teacher_weights is not None: raise ValueError("teacher and teacher_weights: a given teacher is not trained, it keeps its own weights")
+    if student_weights is not None: student_weights = load_weights(student_weights, student_arch, 'student_weights')
     runs, models = ([] if runs is None else runs), ({} if models is None else models)
-    n_classes = len(dls.vocab)
-    weights = dict(pi=pi_weight, pa=pa_weight, ho=ho_weight)
+    n_classes, x = len(dls.vocab), dls.one_batch()[0]
+    make = lambda arch, w, wts: _quiet(segmentation_learner(dls, arch, w, wts, x.shape[1], **_fit_kwargs(MeanIoU(n_classes), ranger, cbs)), bar)
     _seed(dls, 0)
-    teacher = _learner(dls, SegNet(n_classes, teacher_width, dls.one_batch()[0].shape[1]), MeanIoU(n_classes), ranger, cbs, bar)
-    r = dict(experiment='distill', variant='teacher', seed=0, epochs=teacher_epochs, width=teacher_width,
-             params=_n_params(teacher.model), **_fit(teacher, teacher_epochs, lr))
-    r['miou'] = r.pop('metric')
-    runs.append(r); models['teacher'] = teacher.model
-    if log: log(f"teacher (width {teacher_width}, {r['params']:,} parameters): mIoU {r['miou']:.4f} ({r['time']:.1f}s)")
+    if teacher is None:
+        tl = make(teacher_arch, teacher_width, teacher_weights)
+        r = dict(epochs=teacher_epochs, model=_describe(teacher_arch, teacher_width, weights=teacher_weights, seg=True), **_fit(tl, teacher_epochs, lr))
+    else:
+        tl = _quiet(Learner(dls, load_teacher(teacher, dls, teacher_arch, teacher_width), **_fit_kwargs(MeanIoU(n_classes), ranger, cbs)), bar)
+        r = dict(epochs=0, model=f'{type(tl.model).__name__} (given, not trained)', **_evaluate(tl))
+    r.update(experiment='distill', variant='teacher', seed=0, width=teacher_width, params=_n_params(tl.model), miou=r.pop('metric'))
+    runs.append(r); models['teacher'] = tl.model
+    if log: log(f"teacher ({r['model']}, {r['params']:,} parameters): mIoU {r['miou']:.4f} ({r['time']:.1f}s)")
+    if pairs is None: pairs = decoder_pairs(student_arch, tl.model)
+    weights = dict(pi=pi_weight, pa=pa_weight, ho=ho_weight)
+    critic = lambda: Critic(critic_for(n_classes, min(x.shape[-2:]), x.shape[1]), lr=d_lr)
     jobs = [(v, s) for s in seeds for v in variants]
     for i,(v,s) in enumerate(jobs):
-        learn = _student(dls, student_width, s, teacher.model, VARIANTS[v], weights, T, list(pairs), pool, d_lr, cbs, bar, n_classes)
+        learn = _student(dls, s, lambda: make(student_arch, student_width, student_weights), tl.model, VARIANTS[v], weights, T, pairs, pool, critic)
         r = dict(experiment='distill', variant=v, seed=s, epochs=epochs, width=student_width, params=_n_params(learn.model),
-                 **_fit(learn, epochs, lr))
+                 model=_describe(student_arch, student_width, weights=student_weights, seg=True), **_fit(learn, epochs, lr))
         r['miou'] = r.pop('metric')
         runs.append(r); models.setdefault(v, learn.model)
         if log: log(f"[{i+1}/{len(jobs)}] {v:13s} seed={s}: mIoU {r['miou']:.4f} ({r['time']:.1f}s)")
@@ -276,8 +476,10 @@ def show_predictions(models:dict, # Models by name, e.g. what `run_distill` fill
                      n:int=4, # Number of validation images
                      fname:str|Path|None=None, # Save the figure there (PNG) and close it
                     ):
-    "Rows of validation images: image, truth, and each model's prediction"
+    "Rows of validation images: image, truth, and each model's prediction, with a legend of the classes"
     import matplotlib.pyplot as plt
+    from matplotlib.colors import Normalize as Norm
+    from matplotlib.patches import Patch
     if names is None: names = [k for k in ('teacher', 'student') if k in models] + [v for v in VARIANTS if v in models and v != 'student'][-1:]
     xb, yb = dls.valid.one_batch()
     xb, yb, n = xb[:n], yb[:n].cpu(), min(n, len(xb))
@@ -287,7 +489,7 @@ def show_predictions(models:dict, # Models by name, e.g. what `run_distill` fill
         with torch.no_grad(): preds.append(m.eval()(xb).argmax(1).cpu())
         m.train(was)
     n_cls = len(dls.vocab)
-    cmap, vmax = ('tab20', 19) if n_cls <= 20 else ('nipy_spectral', n_cls - 1)
+    cmap, vmax = (plt.get_cmap('tab20'), 19) if n_cls <= 20 else (plt.get_cmap('nipy_spectral'), n_cls - 1)
     cols = ['image', 'truth', *names]
     fig, axs = plt.subplots(n, len(cols), figsize=(1.9*len(cols), 1.9*n), squeeze=False)
     for i in range(n):
@@ -296,12 +498,14 @@ def show_predictions(models:dict, # Models by name, e.g. what `run_distill` fill
     for a,t in zip(axs[0], cols): a.set_title(t if t != 'student' else 'student (baseline)', fontsize=9)
     for a in axs.flat: a.axis('off')
     fig.tight_layout()
-    if fname is not None: fig.savefig(fname, dpi=90); plt.close(fig)
+    colour = Norm(0, vmax) # what `imshow` does with `vmin=0, vmax=vmax`
+    ncol = min(n_cls, 6)
+    fig.legend([Patch(color=cmap(colour(i))) for i in range(n_cls)], list(map(str, dls.vocab)), loc='upper center', bbox_to_anchor=(0.5, 0),
+               ncol=ncol, fontsize=8, frameon=False)
+    if fname is not None: fig.savefig(fname, dpi=90, bbox_inches='tight'); plt.close(fig)
     return fig
 
 # %% ../nbs/06_experiments.ipynb #a3e6f174
-SCENES = dict(n_train=6000, n_valid=500, size=32, n_digits=(1, 2), scale=(0.55, 0.85), n_clutter=(0, 2), max_rotate=10.)
-
 def leaderboard_data(data:str|Path|None=None, # An ImageFolder tree (`train/`, `valid/`), or `None` for the built-in digits
                      bs:int=64, # Batch size
                      size:int|None=None, # Image side (built-in: 32; folders: resize only if given)
@@ -323,16 +527,6 @@ def distill_data(data:str|Path|None=None, # A CamVid-style folder, or `None` for
         if size is not None: sc['size'] = size
         return digit_scenes_dls(bs=bs, seed=0, device=device, **sc)
     return camvid_dls(data, bs=bs, size=size, device=device)
-
-# %% ../nbs/06_experiments.ipynb #a3982450
-PRESETS = {
-    'leaderboard': dict(leaderboard=dict(lrs=[3e-3, 1e-2, 3e-2], seeds=[0, 1, 2], epochs=5), leaderboard_bs=64),
-    'distill': dict(distill=dict(seeds=[0, 1, 2], epochs=10, teacher_epochs=10, lr=1e-2, teacher_width=16, student_width=8),
-                    distill_bs=32, scenes=SCENES),
-    'demo': dict(leaderboard=dict(lrs=[1e-2, 3e-2], seeds=[0], epochs=3), leaderboard_bs=64,
-                 distill=dict(seeds=[0], epochs=8, teacher_epochs=8, lr=1e-2, teacher_width=16, student_width=8),
-                 distill_bs=32, scenes=dict(SCENES, n_train=2000)),
-}
 
 # %% ../nbs/06_experiments.ipynb #c30b00ce
 def _num(x, d=4): return '' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.{d}f}'
@@ -360,10 +554,13 @@ def _jsonable(x):
     if isinstance(x, dict): return {str(k): _jsonable(v) for k,v in x.items()}
     if isinstance(x, (list, tuple)): return [_jsonable(v) for v in x]
     if isinstance(x, np.generic): x = x.item()
+    if isinstance(x, Path): x = str(x)
     if isinstance(x, float) and not math.isfinite(x): return None
     return x
 
 def _settings(kw:dict)->str: return ', '.join(f'{k}={v}' for k,v in kw.items())
+
+def _models_text(runs:list)->str: return ', '.join(f"`{m}`" for m in dict.fromkeys(r['model'] for r in runs))
 
 def write_report(out:str|Path, # Folder (created)
                  runs:list, # Runs of `run_leaderboard` and/or `run_distill`
@@ -384,7 +581,8 @@ def write_report(out:str|Path, # Folder (created)
            + (f"; total wall time {elapsed:.0f} s." if elapsed is not None else '.'), '']
     if interrupted: md += [f'**Interrupted** (Ctrl-C) after {len(runs)} finished run(s): the tables hold the runs that finished.', '']
     if lb_rows:
-        md += ['## Optimizer leaderboard', '', f"`small_cnn`, `fit_flat_cos`; {_settings(config.get('leaderboard', {}))}.", '',
+        lb_runs = [r for r in runs if r['experiment'] == 'leaderboard']
+        md += ['## Optimizer leaderboard', '', f"Model {_models_text(lb_runs)} ({lb_runs[0]['params']:,} parameters), `fit_flat_cos`; {_settings(config.get('leaderboard', {}))}.", '',
                'Final validation accuracy over seeds; time per run is the wall time of `fit` (tiny models: it is mostly overhead, not optimizer cost).', '',
                leaderboard_markdown(lb_rows), '']
         if agree: md += [f"Our `ranger` against fastai's `ranger`, same learning rate and seed ({agree['pairs']} pairs): largest accuracy difference "
@@ -392,7 +590,10 @@ def write_report(out:str|Path, # Folder (created)
         plot_leaderboard(runs, out/'leaderboard.png')
         md += ['![Leaderboard curves](leaderboard.png)', '']
     if ds_rows:
-        md += ['## Structured knowledge distillation', '', f"Teacher and students are `SegNet`s trained with `ranger` and `fit_flat_cos`; {_settings(config.get('distill', {}))}.", '',
+        ds_runs = [r for r in runs if r['experiment'] == 'distill']
+        teacher = [r for r in ds_runs if r['variant'] == 'teacher']
+        md += ['## Structured knowledge distillation', '', f"Teacher {_models_text(teacher)}, students {_models_text([r for r in ds_runs if r['variant'] != 'teacher'])}, "
+               f"trained with `ranger` and `fit_flat_cos`; {_settings(config.get('distill', {}))}.", '',
                'Dataset-level mean IoU (background included) over student seeds; each row adds one term to the row above. '
                'Gap closed: (variant - student) / (teacher - student).', '', distill_markdown(ds_rows), '']
         if models and distill_dls is not None and 'teacher' in models and len(models) > 1:
@@ -407,9 +608,15 @@ def write_report(out:str|Path, # Folder (created)
 # %% ../nbs/06_experiments.ipynb #27bec8da
 from fastai.torch_core import rank_distrib
 
+def _plain(v)->bool:
+    "Whether `v` is a setting to record: numbers, strings, paths, and lists or dicts of them (not models or state dicts)"
+    if isinstance(v, (list, tuple)): return all(map(_plain, v))
+    if isinstance(v, dict): return all(isinstance(k, str) and _plain(x) for k,x in v.items())
+    return v is None or isinstance(v, (str, int, float, Path))
+
 def run_experiments(out:str|Path, # Folder of the report
                     leaderboard:dict|None=None, # Arguments of `run_leaderboard` (with `dls`), or `None` to skip it
-                    distill:dict|None=None, # Arguments of `run_distill` (with `dls`), or `None` to skip it
+                    distill:dict|None=None, # Arguments of `run_distill` (with `dls`), or `None` to skip it (models and state dicts are not recorded)
                     config:dict|None=None, # Extra settings to record (the command line, the device...)
                     cbs:list|None=None, # Extra callbacks for every `Learner`
                     bar:bool=True, # Progress bars
@@ -419,7 +626,7 @@ def run_experiments(out:str|Path, # Folder of the report
     runs, models, interrupted, start = [], {}, False, time.perf_counter()
     cfg = dict(config or {})
     for k,kw in (('leaderboard', leaderboard), ('distill', distill)):
-        if kw is not None: cfg[k] = {a: v for a,v in kw.items() if a != 'dls'}
+        if kw is not None: cfg[k] = {a: v for a,v in kw.items() if a != 'dls' and _plain(v)}
     try:
         if leaderboard is not None: run_leaderboard(runs=runs, cbs=cbs, bar=bar, log=log, **leaderboard)
         if distill is not None: run_distill(runs=runs, models=models, cbs=cbs, bar=bar, log=log, **distill)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 from fastai.callback.core import Callback
-from ranger_fastai import cli
+from ranger_fastai import experiments
 from ranger_fastai.cli import main
 from ranger_fastai.experiments import SCENES, VARIANTS, run_experiments, leaderboard_data, distill_data
 from ranger_fastai.data import write_image_folder, write_camvid
@@ -119,6 +119,28 @@ def test_missing_mask(camvid, capsys):
     sorted((camvid/'labels').iterdir())[3].unlink()
     assert 'have no mask' in _fails(['distill', '--data', str(camvid)], capsys)
 
+def test_messages_name_the_options(image_folder, tmp_path, capsys):
+    "The library says `size=`, the command `--size`"
+    import shutil
+    d = shutil.copytree(image_folder, tmp_path/'mixed')
+    Image.fromarray(np.zeros((20, 20), np.uint8)).save(d/'train'/'0'/'big.png')
+    assert _fails(['leaderboard', '--data', str(d)], capsys).endswith('pass --size N to resize them')
+    with pytest.raises(ValueError, match='pass size=N to resize them'): leaderboard_data(d)
+
+def test_folder_gaps(image_folder, camvid, tmp_path, capsys):
+    "An empty class folder and a corrupt image: one line, naming the folder or file"
+    import shutil
+    d = shutil.copytree(image_folder, tmp_path/'gaps')
+    (d/'valid'/'7b').mkdir()
+    assert _fails(['leaderboard', '--data', str(d)], capsys).endswith(f"Empty class folder: no images in {d/'valid'/'7b'}")
+    (d/'valid'/'7b').rmdir()
+    bad = sorted((d/'train'/'3').iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:40]) # truncated
+    assert f'Cannot read image {bad}' in _fails(['leaderboard', '--data', str(d)], capsys)
+    img = sorted((camvid/'images').iterdir())[2]
+    img.write_bytes(b'garbage')
+    assert f'Cannot read image {img}' in _fails(['distill', '--data', str(camvid)], capsys)
+
 def test_labels_outside_codes(camvid, capsys):
     m = sorted((camvid/'labels').iterdir())[0]
     a = np.array(Image.open(m)); a[0, 0] = 42
@@ -157,8 +179,8 @@ def test_interrupted_run_keeps_finished_runs(tmp_path):
     assert 'Interrupted' in md and '| ranger | 0.01 | 1 |' in md and '| Adam |' not in md
 
 def test_interrupted_command_exits_130(tmp_path, monkeypatch):
-    run = cli.run_experiments
-    monkeypatch.setattr(cli, 'run_experiments', lambda *a, cbs=(), **k: run(*a, cbs=[*cbs, _CtrlC()], **k))
+    run = experiments.run_experiments
+    monkeypatch.setattr(experiments, 'run_experiments', lambda *a, cbs=(), **k: run(*a, cbs=[*cbs, _CtrlC()], **k))
     with pytest.raises(SystemExit) as e: main(['leaderboard', *TINY_LB, '--optimizers', 'ranger', '--out', str(tmp_path)])
     assert e.value.code == 130
     saved = _results(tmp_path)

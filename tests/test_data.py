@@ -236,3 +236,30 @@ def test_generation_speed():
     import time
     t0 = time.perf_counter(); digit_scenes(1000, size=64, seed=9); dt = time.perf_counter() - t0
     assert dt < 15, dt
+
+def test_image_folder_empty_class_folder(folder, tmp_path):
+    for split in ('valid', 'train'):
+        p = _copy(folder, tmp_path/split); (p/split/'4').rename(p/split/'4_old'); (p/split/'4').mkdir()
+        shutil.rmtree(p/split/'4_old')
+        with pytest.raises(ValueError, match=f"Empty class folder: no images in {p/split/'4'}$"): image_folder_dls(p)
+
+@pytest.mark.parametrize('damage', [lambda f: f.write_bytes(b'not an image'), lambda f: f.write_bytes(f.read_bytes()[:60])], ids=['garbage', 'truncated'])
+def test_corrupt_images(folder, camvid, tmp_path, damage):
+    p = _copy(folder, tmp_path/'f'); bad = sorted((p/'valid'/'2').iterdir())[1]; damage(bad)
+    with pytest.raises(ValueError, match=f'Cannot read image {bad}'): image_folder_dls(p, size=12)
+    for sub,k in (('images', 4), ('labels', 5)):
+        p = _copy(camvid, tmp_path/sub); bad = sorted((p/sub).iterdir())[k]; damage(bad)
+        with pytest.raises(ValueError, match=f'Cannot read image {bad}'): camvid_dls(p)
+
+def test_camvid_masks_whatever_the_image_format(camvid, tmp_path):
+    "CamVid-style `.jpg` images with `labels/<stem>_P.png` masks, or plain `labels/<stem>.png`"
+    p = _copy(camvid, tmp_path/'jpg')
+    for f in sorted((p/'images').iterdir()): Image.open(f).save(f.with_suffix('.jpg'), quality=100); f.unlink()
+    (p/'valid.txt').write_text((p/'valid.txt').read_text().replace('.png', '.jpg'))
+    (p/'labels'/'train_00000_P.png').rename(p/'labels'/'train_00000.png')
+    dls = camvid_dls(p, bs=2)
+    i = [f.name for f in dls.train_ds.items].index('train_00000.jpg')
+    np.testing.assert_array_equal(np.asarray(dls.train_ds[i][1]), np.asarray(Image.open(p/'labels'/'train_00000.png')))
+    assert len(dls.train_ds) + len(dls.valid_ds) == len(list((p/'images').iterdir()))
+    (p/'labels'/'train_00000.png').unlink()
+    with pytest.raises(ValueError, match=r'1 images have no mask labels/<stem>_P.png or labels/<stem>.png: train_00000.jpg'): camvid_dls(p)
