@@ -223,7 +223,13 @@ def test_show_results_on_digit_scenes(tmp_path):
     learn = Learner(dls, net(4), loss_func=CrossEntropyLossFlat(axis=1), path=tmp_path).distill(net(8), pairs=[('1', '1')],
                     critic=Discriminator(11, nf=8, n_layers=2, attn_layers=()))
     learn.fit(1, 1e-2)
-    learn.show_results(max_n=2)
+    import matplotlib.pyplot as plt
+    plt.close('all')
+    learn.show_results(max_n=2)  # the distillation's hooks and columns do not get in the way
+    axes = [a for n in plt.get_fignums() for a in plt.figure(n).axes if a.images]
+    assert len(axes) == 2 and all(len(a.images) >= 2 for a in axes)  # per image: the input and the masks drawn over it
+    assert all(im.get_array().shape[:2] == (32, 32) for a in axes for im in a.images)
+    plt.close('all')
 
 # %% export and checkpoints
 

@@ -1,5 +1,5 @@
 "`ranger` inside a fastai `Learner`: hypers, schedules, wd_bn_bias, freezing, checkpoints, export"
-import pickle, warnings
+import math, pickle, warnings
 from functools import partial
 import pytest, torch
 from torch import nn
@@ -91,10 +91,17 @@ def test_discriminative_lr_slice():
 
 def test_lr_find():
     learn = _learner()
+    before = [p.detach().clone() for p in learn.model.parameters()]
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         res = learn.lr_find(num_it=30, show_plot=False)
-    assert res.valley > 0
+    lrs, losses = learn.recorder.lrs, learn.recorder.losses
+    assert 2 < len(lrs) <= 30 and len(losses) == len(lrs)
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert lrs[0] == pytest.approx(1e-7) and max(ratios) == pytest.approx(min(ratios))  # geometric, from start_lr
+    assert lrs[0] <= res.valley <= lrs[-1]
+    assert all(math.isfinite(float(l)) for l in losses)
+    assert all(torch.equal(a, b) for a, b in zip(before, learn.model.parameters()))  # the model is put back
 
 def test_save_load_with_opt_resumes_state(tmp_path):
     learn = _learner(tmp_path); learn.fit_flat_cos(1, 1e-2)
