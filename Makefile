@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test sync-check nbtest pytest bench clean
+.PHONY: demo test test-fast sync-check nbtest pytest bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 	$(BIN)/ranger-fastai demo
 
 test: $(STAMP) sync-check nbtest pytest
+
+# For development: the library's and the notebooks' sync, and the tests not marked slow (no end-to-end runs of the command)
+test-fast: $(STAMP) sync-check
+	$(BIN)/python -m pytest -m 'not slow' -q
 
 # Fails when nbdev-clean + nbdev-export change any file: notebooks and library out of sync.
 sync-check: $(STAMP)

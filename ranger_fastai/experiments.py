@@ -39,7 +39,7 @@ from .presets import VARIANTS, BACKBONES, CLASSIFIERS, SEGMENTERS, SCENES, PRESE
 __all__ = ['ARCHS', 'ACTS', 'OPTIMIZERS', 'small_cnn', 'SegNet', 'load_weights', 'classifier_learner', 'segmentation_learner',
            'decoder_pairs', 'run_leaderboard', 'leaderboard_table', 'ranger_agreement', 'plot_leaderboard',
            'load_teacher', 'run_distill', 'distill_table', 'show_predictions', 'leaderboard_data', 'distill_data',
-           'leaderboard_markdown', 'distill_markdown', 'write_report', 'run_experiments']
+           'leaderboard_markdown', 'distill_markdown', 'versions', 'write_report', 'run_experiments']
 
 # %% ../nbs/06_experiments.ipynb #432c6949
 def small_cnn(n_classes:int=10, # Number of classes
@@ -562,6 +562,14 @@ def _settings(kw:dict)->str: return ', '.join(f'{k}={v}' for k,v in kw.items())
 
 def _models_text(runs:list)->str: return ', '.join(f"`{m}`" for m in dict.fromkeys(r['model'] for r in runs))
 
+def versions()->dict:
+    "The versions of Python and of the packages the results depend on (`None` for one that is not installed)"
+    from importlib.metadata import version, PackageNotFoundError
+    def v(pkg):
+        try: return version(pkg)
+        except PackageNotFoundError: return None
+    return dict(python=platform.python_version(), **{k: v(k) for k in ('ranger_fastai', 'torch', 'torchvision', 'fastai', 'numpy', 'scikit-learn', 'pillow')})
+
 def write_report(out:str|Path, # Folder (created)
                  runs:list, # Runs of `run_leaderboard` and/or `run_distill`
                  models:dict|None=None, # Models for the predictions picture (see `run_distill`)
@@ -574,10 +582,10 @@ def write_report(out:str|Path, # Folder (created)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     config = config or {}
     lb_rows, ds_rows, agree = leaderboard_table(runs), distill_table(runs), ranger_agreement(runs)
-    env = dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__, threads=torch.get_num_threads())
+    env = dict(versions(), threads=torch.get_num_threads())
     md = ['# ranger-fastai report', '']
     if config.get('command'): md += [f"Command: `{config['command']}`", '']
-    md += [f"torch {env['torch']}, fastai {env['fastai']}, {env['threads']} CPU thread(s)" + (f", device {config['device']}" if config.get('device') else '')
+    md += [', '.join(f'{k} {v}' for k,v in versions().items()) + f"; {env['threads']} CPU thread(s)" + (f", device {config['device']}" if config.get('device') else '')
            + (f"; total wall time {elapsed:.0f} s." if elapsed is not None else '.'), '']
     if interrupted: md += [f'**Interrupted** (Ctrl-C) after {len(runs)} finished run(s): the tables hold the runs that finished.', '']
     if lb_rows:

@@ -12,6 +12,8 @@ from ranger_fastai.presets import OPTIMIZER_NAMES, BACKBONES, ACTIVATIONS, CLASS
 from ranger_fastai.experiments import (OPTIMIZERS, ARCHS, ACTS, SegNet, classifier_learner, segmentation_learner, load_weights,
                                        load_teacher, show_predictions, _n_params)
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves this module out
+
 torch.set_num_threads(1)
 ONE = ['--epochs', '1', '--seeds', '1']
 

@@ -11,6 +11,8 @@ from ranger_fastai.cli import main
 from ranger_fastai.experiments import SCENES, VARIANTS, run_experiments, leaderboard_data, distill_data
 from ranger_fastai.data import write_image_folder, write_camvid
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves this module out
+
 torch.set_num_threads(1)
 TINY_LB = ['--epochs', '1', '--seeds', '2', '--lr', '0.01']
 TINY_DS = ['--epochs', '1', '--teacher-epochs', '1', '--seeds', '1', '--scenes', '48', '16', '--bs', '16']

@@ -6,6 +6,8 @@ import torch.multiprocessing as mp
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from ranger_fastai.optimizer import Ranger
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves this module out
+
 HP = dict(lr=1e-2, k=4, alpha=0.6, use_gc=True)
 
 def _model():

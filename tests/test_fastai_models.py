@@ -8,6 +8,8 @@ from ranger_fastai.distill import DistillationCallback
 from ranger_fastai.layers import auto_pairs, probe_batch
 from ranger_fastai.optimizer import ranger
 
+pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves this module out
+
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated')
 torch.set_num_threads(1)
 
