@@ -187,29 +187,3 @@ def test_interrupted_command_exits_130(tmp_path, monkeypatch):
     assert e.value.code == 130
     saved = _results(tmp_path)
     assert saved['interrupted'] and len(saved['runs']) == 1 and 'Interrupted' in (tmp_path/'report.md').read_text()
-
-# ---- keep_freed_memory
-
-_CYCLES = '''
-import resource, sys, torch
-if sys.argv[1] == 'keep':
-    from ranger_fastai.cli import keep_freed_memory
-    assert keep_freed_memory()
-res = []
-for i in range(12):
-    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    xs = [torch.ones((i % 3 + 1) << 20) for _ in range(8)]  # eight tensors of 4, 8 or 12 MB, written, then freed
-    del xs
-    res.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-print(*res)
-'''
-
-@pytest.mark.skipif(not sys.platform.startswith('linux') or __import__('platform').libc_ver()[0] != 'glibc', reason='glibc only')
-def test_keep_freed_memory_stops_the_page_faults():
-    "In fresh processes: by default glibc hands freed blocks back and later cycles fault them in again; after `keep_freed_memory` that stops"
-    import os
-    env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_') and k != 'LD_PRELOAD'}  # glibc's defaults, whatever this shell sets
-    faults = {mode: [int(x) for x in subprocess.run([sys.executable, '-c', _CYCLES, mode], capture_output=True, text=True, check=True, env=env).stdout.split()]
-              for mode in ('default', 'keep')}
-    assert sum(faults['default'][-6:]) > 8000, faults  # seen: 18368 to 85824 over these six cycles, depending on the heap's history
-    assert sum(faults['keep'][-6:]) < 100, faults  # seen: 0 (and once a single stray fault)
