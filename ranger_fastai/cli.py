@@ -155,12 +155,17 @@ def _scene_text(scenes:dict)->str: return ', '.join(f'{k}={v}' for k,v in scenes
 
 def _models(a, settings:dict)->dict:
     "Load and check the files of `--weights`, `--teacher-weights`, `--student-weights` and `--teacher` into `settings`; the files, for the report"
-    from ranger_fastai.experiments import load_weights, load_teacher
+    from ranger_fastai.experiments import load_weights, load_teacher, decoder_pairs
     o, lb, ds = vars(a), settings['leaderboard'], settings['distill']
     if o.get('weights'): lb['weights'] = load_weights(a.weights, lb['arch'], 'weights', lb.get('act', 'relu'), lb.get('sa', False))
     for k in ('teacher_weights', 'student_weights'):
         if o.get(k): ds[k] = load_weights(o[k], ds[k.replace('weights', 'arch')], k)
-    if o.get('teacher'): ds['teacher'] = load_teacher(a.teacher, ds['dls'], ds['teacher_arch'], ds['teacher_width'])
+    if o.get('teacher'):
+        ds['teacher'] = load_teacher(a.teacher, ds['dls'], ds['teacher_arch'], ds['teacher_width'])
+        if any('pa' in VARIANTS[v] for v in ds.get('variants', VARIANTS)): # the pair-wise term's layers: known now, before any training
+            try: ds['pairs'] = decoder_pairs(ds['student_arch'], ds['teacher'])
+            except ValueError: raise ValueError(f"--teacher {a.teacher}: no decoder layer to pair in its {type(ds['teacher']).__name__} for the pair-wise term "
+                                                f"(SegNet and unet_learner models have one); choose --variants without '+ pair-wise' and '+ holistic'") from None
     return {k: str(o[k]) for k in ('weights', 'teacher_weights', 'student_weights', 'teacher') if o.get(k)}
 
 def _as_options(msg:str, options)->str:

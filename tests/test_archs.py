@@ -4,6 +4,9 @@ import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 import pytest
 import torch
+from torch import nn
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat
 from fastai.vision.models import resnet18
 from fastai.vision.models.xresnet import xresnet18
 from ranger_fastai.cli import main
@@ -43,6 +46,8 @@ def files(tmp_path_factory, camvid):
     t.export(d/'teacher.pkl')
     torch.save(t.model.state_dict(), d/'teacher.pth')
     torch.save({'not': 'a learner'}, d/'other.pkl')
+    plain = Learner(camvid_dls(camvid, bs=4), nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 11, 1)), loss_func=CrossEntropyLossFlat(axis=1))
+    plain.export(d/'plain.pkl') # a segmentation model with no decoder layer to pair
     (d/'notes.pth').write_text('not a state dict')
     return d
 
@@ -159,6 +164,7 @@ def test_errors(tmp_path, capsys, camvid, image_folder, files):
         ([*ds, '--teacher', f('teacher.pkl'), '--teacher-arch', 'resnet18'], f"error: --teacher-arch resnet18 with --teacher {f('teacher.pkl')}: an exported Learner holds its own model"),
         ([*ds, '--teacher', f('teacher.pkl'), '--teacher-epochs', '3'], f"error: --teacher-epochs 3 with --teacher {f('teacher.pkl')}: a given teacher is not trained again"),
         ([*ds, '--teacher', f('teacher.pth'), '--teacher-weights', f('resnet18.pth')], "error: --teacher-weights"),
+        ([*ds, '--teacher', f('plain.pkl')], f"error: --teacher {f('plain.pkl')}: no decoder layer to pair in its Sequential for the pair-wise term"),
     ]
     for argv,want in cases:
         err = _fails(argv, capsys)
