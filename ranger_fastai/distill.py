@@ -226,7 +226,7 @@ class DistillationCallback(Callback):
         self.avgs, self.critic_avgs = _PhaseAverages(), _PhaseAverages()
 
     @property
-    def learn(self): return self.__dict__.get('_learn')
+    def learn(self): return self.__dict__.get('_learn', self.__dict__.get('learn')) # `learn`: a callback pickled by an earlier version
     @learn.setter
     def learn(self, learn): # attaching to a Learner with data checks the setup there and then
         if learn is not None and _has_batches(learn): self.check(learn)
