@@ -1,5 +1,5 @@
 "The experiments and the `ranger-fastai` command on fastai's architectures: resnets, xresnets, unet_learner, teachers and weights from files, their errors"
-import json, subprocess, sys, time
+import subprocess, sys, time
 import matplotlib; matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 import pytest
@@ -12,7 +12,7 @@ from fastai.vision.models.xresnet import xresnet18
 from ranger_fastai.cli import main
 from ranger_fastai.data import write_image_folder, write_camvid, camvid_dls
 from ranger_fastai.presets import OPTIMIZER_NAMES, BACKBONES, ACTIVATIONS, CLASSIFIERS, SEGMENTERS
-from ranger_fastai.experiments import (OPTIMIZERS, ARCHS, ACTS, SegNet, classifier_learner, segmentation_learner, load_weights,
+from ranger_fastai.experiments import (OPTIMIZERS, ARCHS, ACTS, SegNet, classifier_learner, segmentation_learner,
                                        load_teacher, show_predictions, _n_params)
 
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves this module out
@@ -20,15 +20,7 @@ pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves this module
 torch.set_num_threads(1)
 ONE = ['--epochs', '1', '--seeds', '1']
 
-def _results(out): return json.loads((out/'results.json').read_text())
-
-def _fails(argv, capsys):
-    "Run `main(argv)`: it must exit with status 2 and one line on stderr, without a traceback"
-    with pytest.raises(SystemExit) as e: main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
-    return err.strip()
+from conftest import results as _results
 
 @pytest.fixture(scope='module')
 def image_folder(tmp_path_factory): return write_image_folder(tmp_path_factory.mktemp('digits'), size=16)
@@ -141,7 +133,7 @@ def _class_mismatch(tmp_path, camvid):
     (d/'codes.txt').write_text((camvid/'codes.txt').read_text() + 'extra\n')
     return d
 
-def test_errors(tmp_path, capsys, camvid, image_folder, files):
+def test_errors(tmp_path, fails, camvid, image_folder, files):
     out, f = tmp_path/'out', lambda n: str(files/n)
     lb, ds = ['leaderboard', '--data', str(image_folder), '--out', str(out)], ['distill', '--data', str(camvid), '--bs', '4', '--out', str(out)]
     cases = [
@@ -167,7 +159,7 @@ def test_errors(tmp_path, capsys, camvid, image_folder, files):
         ([*ds, '--teacher', f('plain.pkl')], f"error: --teacher {f('plain.pkl')}: no decoder layer to pair in its Sequential for the pair-wise term"),
     ]
     for argv,want in cases:
-        err = _fails(argv, capsys)
+        err = fails(argv)
         assert want in err, (argv, err)
     assert not out.exists()
 

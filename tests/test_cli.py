@@ -1,5 +1,5 @@
 "The `ranger-fastai` command in tiny configurations: both experiments and the demo, --data folders, every error path, Ctrl-C"
-import json, subprocess, sys
+import subprocess, sys
 import matplotlib; matplotlib.use('Agg')
 import numpy as np
 import pytest
@@ -17,15 +17,7 @@ torch.set_num_threads(1)
 TINY_LB = ['--epochs', '1', '--seeds', '2', '--lr', '0.01']
 TINY_DS = ['--epochs', '1', '--teacher-epochs', '1', '--seeds', '1', '--scenes', '48', '16', '--bs', '16']
 
-def _results(out): return json.loads((out/'results.json').read_text())
-
-def _fails(argv, capsys):
-    "Run `main(argv)`: it must exit with status 2 and one line on stderr, without a traceback"
-    with pytest.raises(SystemExit) as e: main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
-    return err.strip()
+from conftest import results as _results
 
 # ---- the three commands
 
@@ -95,65 +87,65 @@ def test_distill_data(tmp_path, camvid):
 
 # ---- error paths: one line, exit status 2, nothing trained
 
-def test_missing_folder(tmp_path, capsys):
+def test_missing_folder(tmp_path, fails):
     for cmd in ('leaderboard', 'distill'):
-        err = _fails([cmd, '--data', str(tmp_path/'nope'), '--out', str(tmp_path/'out')], capsys)
+        err = fails([cmd, '--data', str(tmp_path/'nope'), '--out', str(tmp_path/'out')])
         assert err == f"ranger-fastai {cmd}: error: Data folder not found: {tmp_path/'nope'}"
     assert not (tmp_path/'out').exists()
 
-def test_empty_split(tmp_path, capsys, image_folder, camvid):
+def test_empty_split(tmp_path, fails, image_folder, camvid):
     import shutil
     lb = tmp_path/'lb'
     shutil.copytree(image_folder, lb)
     for f in (lb/'valid').rglob('*.png'): f.unlink()
-    assert 'Empty valid split' in _fails(['leaderboard', '--data', str(lb)], capsys)
+    assert 'Empty valid split' in fails(['leaderboard', '--data', str(lb)])
     (camvid/'valid.txt').write_text('\n'.join(f.name for f in (camvid/'images').iterdir()))
-    assert 'Empty train split' in _fails(['distill', '--data', str(camvid)], capsys)
+    assert 'Empty train split' in fails(['distill', '--data', str(camvid)])
     (camvid/'valid.txt').write_text('')
-    assert 'Empty valid split' in _fails(['distill', '--data', str(camvid)], capsys)
+    assert 'Empty valid split' in fails(['distill', '--data', str(camvid)])
 
-def test_mask_not_matching_image(camvid, capsys):
+def test_mask_not_matching_image(camvid, fails):
     m = sorted((camvid/'labels').iterdir())[0]
     Image.open(m).resize((16, 16)).save(m)
-    assert f'Mask {m.name} is 16x16 but image' in _fails(['distill', '--data', str(camvid)], capsys)
+    assert f'Mask {m.name} is 16x16 but image' in fails(['distill', '--data', str(camvid)])
 
-def test_missing_mask(camvid, capsys):
+def test_missing_mask(camvid, fails):
     sorted((camvid/'labels').iterdir())[3].unlink()
-    assert 'have no mask' in _fails(['distill', '--data', str(camvid)], capsys)
+    assert 'have no mask' in fails(['distill', '--data', str(camvid)])
 
-def test_messages_name_the_options(image_folder, tmp_path, capsys):
+def test_messages_name_the_options(image_folder, tmp_path, fails):
     "The library says `size=`, the command `--size`"
     import shutil
     d = shutil.copytree(image_folder, tmp_path/'mixed')
     Image.fromarray(np.zeros((20, 20), np.uint8)).save(d/'train'/'0'/'big.png')
-    assert _fails(['leaderboard', '--data', str(d)], capsys).endswith('pass --size N to resize them')
+    assert fails(['leaderboard', '--data', str(d)]).endswith('pass --size N to resize them')
     with pytest.raises(ValueError, match='pass size=N to resize them'): leaderboard_data(d)
 
-def test_folder_gaps(image_folder, camvid, tmp_path, capsys):
+def test_folder_gaps(image_folder, camvid, tmp_path, fails):
     "An empty class folder and a corrupt image: one line, naming the folder or file"
     import shutil
     d = shutil.copytree(image_folder, tmp_path/'gaps')
     (d/'valid'/'7b').mkdir()
-    assert _fails(['leaderboard', '--data', str(d)], capsys).endswith(f"Empty class folder: no images in {d/'valid'/'7b'}")
+    assert fails(['leaderboard', '--data', str(d)]).endswith(f"Empty class folder: no images in {d/'valid'/'7b'}")
     (d/'valid'/'7b').rmdir()
     bad = sorted((d/'train'/'3').iterdir())[0]
     bad.write_bytes(bad.read_bytes()[:40]) # truncated
-    assert f'Cannot read image {bad}' in _fails(['leaderboard', '--data', str(d)], capsys)
+    assert f'Cannot read image {bad}' in fails(['leaderboard', '--data', str(d)])
     img = sorted((camvid/'images').iterdir())[2]
     img.write_bytes(b'garbage')
-    assert f'Cannot read image {img}' in _fails(['distill', '--data', str(camvid)], capsys)
+    assert f'Cannot read image {img}' in fails(['distill', '--data', str(camvid)])
 
-def test_labels_outside_codes(camvid, capsys):
+def test_labels_outside_codes(camvid, fails):
     m = sorted((camvid/'labels').iterdir())[0]
     a = np.array(Image.open(m)); a[0, 0] = 42
     Image.fromarray(a).save(m)
-    assert 'holds labels [42] outside codes.txt' in _fails(['distill', '--data', str(camvid)], capsys)
+    assert 'holds labels [42] outside codes.txt' in fails(['distill', '--data', str(camvid)])
 
-def test_bad_options(tmp_path, capsys):
-    if not torch.cuda.is_available(): assert 'CUDA is not available' in _fails(['leaderboard', '--device', 'cuda'], capsys)
+def test_bad_options(tmp_path, fails, capsys):
+    if not torch.cuda.is_available(): assert 'CUDA is not available' in fails(['leaderboard', '--device', 'cuda'])
     if not (hasattr(torch.backends, 'mps') and torch.backends.mps.is_available()):
-        assert 'MPS (Apple GPU) is not available' in _fails(['distill', '--device', 'mps'], capsys)
-    assert 'one learning rate' in _fails(['distill', '--lr', '0.1', '0.2'], capsys)
+        assert 'MPS (Apple GPU) is not available' in fails(['distill', '--device', 'mps'])
+    assert 'one learning rate' in fails(['distill', '--lr', '0.1', '0.2'])
     with pytest.raises(SystemExit) as e: main(['leaderboard', '--epochs', '0'])
     assert e.value.code == 2 and 'expected a number > 0' in capsys.readouterr().err
     with pytest.raises(SystemExit) as e: main(['demo', '--data', str(tmp_path)])

@@ -1,5 +1,5 @@
 "Distillation of fastai's own models: unet_learner and vision_learner pairs, checks at the call, and an exported student in a fresh process"
-import json, subprocess, sys, textwrap, warnings
+import subprocess, sys, warnings
 import pytest, torch
 from fastai.vision.all import (unet_learner, vision_learner, resnet18, resnet34, xresnet18, SegmentationDataLoaders, CrossEntropyLossFlat,
                                get_image_files, ShortEpochCallback)
