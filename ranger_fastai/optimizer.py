@@ -14,7 +14,7 @@ from torch.optim.adam import adam
 from torch.optim.adamw import adamw
 from fastai.optimizer import OptimWrapper
 from fastai.callback.core import Callback
-import numbers
+from .checks import check_number, check_choice
 from fastcore.basics import patch
 from fastcore.meta import delegates
 import cloudpickle
@@ -37,22 +37,12 @@ def _rectifier(step:int, # The parameter's step count, from 1
 # %% ../nbs/00_optimizer.ipynb #47a0c0d6
 _GC_MODES = (False, True, 'conv')
 
-def _check_range(name, v, lo, hi, lo_open=False, hi_open=False):
-    "Raise a `ValueError` naming `name` unless `v` is a real number with `lo (<|<=) v (<|<=) hi`"
-    if isinstance(v, bool) or not isinstance(v, numbers.Real): raise TypeError(f"Invalid {name}={v!r}: expected a number")
-    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-    if not ok: raise ValueError(f"Invalid {name}={v!r}: expected a value in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
-
-def _check_flag(name, v, allowed=(True, False)):
-    "Raise a `ValueError` naming `name` unless `v` is one of `allowed`"
-    if not any(v is a for a in allowed): raise ValueError(f"Invalid {name}={v!r}: expected one of {allowed}")
-
 def _check_lookahead(k, # Synchronise every `k` steps
                     alpha, # Fraction of the way the slow weights move towards the fast ones
                    ):
     "Raise a clear error for an invalid Lookahead `k` or `alpha`"
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1: raise ValueError(f"Invalid k={k!r}: expected an integer >= 1")
-    _check_range('alpha', alpha, 0, 1, lo_open=True)
+    check_number('k', k, 1, integer=True)
+    check_number('alpha', alpha, 0, 1, lo_open=True)
 
 def _check_lr(lr):
     "Raise a clear error naming `lr` unless it is a non-negative number or a one-element tensor holding one"
@@ -60,20 +50,20 @@ def _check_lr(lr):
         if lr.numel() != 1: raise ValueError(f"Invalid lr: a tensor lr must hold one element, got one of shape {tuple(lr.shape)}")
         if not lr.is_floating_point(): raise TypeError(f"Invalid lr={lr!r}: expected a floating point tensor")
         lr = lr.item()
-    _check_range('lr', lr, 0, math.inf, hi_open=True)
+    check_number('lr', lr, 0)
 
 def _check_ranger_group(g:dict):
     "Raise a clear error for an invalid hyper-parameter in param group `g`"
     _check_lr(g['lr'])
     b = g['betas']
     if not (isinstance(b, (tuple, list)) and len(b) == 2): raise ValueError(f"Invalid betas={b!r}: expected a pair (beta1, beta2)")
-    for i,v in enumerate(b): _check_range(f'betas[{i}]', v, 0, 1, hi_open=True)
-    _check_range('eps', g['eps'], 0, math.inf, hi_open=True)
-    _check_range('weight_decay', g['weight_decay'], 0, math.inf, hi_open=True)
+    for i,v in enumerate(b): check_number(f'betas[{i}]', v, 0, 1, hi_open=True)
+    check_number('eps', g['eps'], 0)
+    check_number('weight_decay', g['weight_decay'], 0)
     _check_lookahead(g['k'], g['lookahead_alpha'])
-    _check_flag('use_gc', g['use_gc'], _GC_MODES)
-    for name in ('decouple_wd', 'skip_nonfinite', 'maximize'): _check_flag(name, g[name])
-    _check_flag('fused', g['fused'], (None, True, False))
+    check_choice('use_gc', g['use_gc'], _GC_MODES)
+    for name in ('decouple_wd', 'skip_nonfinite', 'maximize'): check_choice(name, g[name], (True, False))
+    check_choice('fused', g['fused'], (None, True, False))
 
 # %% ../nbs/00_optimizer.ipynb #702e8266
 def _centralize(grads, min_dim):
