@@ -8,10 +8,9 @@ import os
 from contextlib import contextmanager
 import torch
 import torch.distributed as dist
+from torch import nn
 from fastcore.basics import patch
-try: import accelerate # fastai.distributed needs it, and fails with a NameError without it
-except ImportError as e: raise ImportError("ranger_fastai.distributed needs HF accelerate, as fastai.distributed does: pip install 'ranger_fastai[distributed]'") from e
-from fastai.distributed import DistributedDL
+from fastai.distributed import DistributedDL # imports HF accelerate if it is installed; only `distrib_ctx` needs it
 
 # %% auto #0
 __all__ = ['process_device', 'process_group']
@@ -23,6 +22,32 @@ def _broadcast(self:DistributedDL, t:list, rank:int)->list:
     t = torch.tensor(t, dtype=torch.long, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
     dist.broadcast(t, rank)
     return t.cpu().tolist()
+
+# %% ../nbs/08_distributed.ipynb #bc92872b
+def _world()->int:
+    "Number of processes of the default process group (1 without one)"
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+def _broadcast_state(model:nn.Module):
+    "Copy rank 0's parameters and buffers of `model` to every process (no-op in a single process)"
+    if _world() == 1: return
+    for t in [*model.parameters(), *model.buffers()]: dist.broadcast(t.data, 0)
+
+def _average_grads(params):
+    "Replace the gradients of `params` by their mean over the processes: one all-reduce of a flat copy"
+    ps = [p for p in params if p.grad is not None]
+    if _world() == 1 or not ps: return
+    flat = torch.cat([p.grad.reshape(-1) for p in ps])
+    dist.all_reduce(flat)
+    flat /= _world()
+    for p,g in zip(ps, flat.split([p.numel() for p in ps])): p.grad.copy_(g.view_as(p.grad))
+
+def _on_any_rank(flag:bool, device)->bool:
+    "Whether `flag` is true on any process"
+    if _world() == 1: return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
 
 # %% ../nbs/08_distributed.ipynb #a2e33edb
 def process_device(device:str|torch.device='cpu', # The kind of device (`'cuda'`, `'cpu'`...)

@@ -378,11 +378,24 @@ def test_hooks_removed_after_cancel_and_harmless_after_error(tmp_path):
     assert dist._teacher_run.out is not None  # the teacher ran before the student's forward, then the batch failed
     learn.model(torch.randn(2, 3, 16, 16))  # unarmed: the teacher does not run again
     learn.export('x.pkl')  # the stale hooks pickle empty: no teacher in the file, no error
-    res = learn.validate()  # no fit is running: clears what the interrupted one left
-    assert len(res) == 1 and learn.metrics == [] and not dist._on and teacher.training
-    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in [*learn.model.modules(), *teacher.modules()])
-    learn.fit(1)  # and the next fit works
+    n, stale = len(learn.metrics), dist._teacher_run.out
+    res = learn.validate()  # the callback stays idle: the teacher does not run, the columns show nothing
+    assert res[0] is not None and len(res) == 1 + n and all(v is None for v in res[1:]) and dist._teacher_run.out is stale
+    learn.fit(1)  # the next fit clears what the interrupted one left, and works
     assert 'train_w_dist' in learn.recorder.metric_names and 'train_pa_loss' in learn.recorder.metric_names
+    assert learn.metrics == [] and not dist._on and teacher.training and len(learn.model[3]._forward_hooks) == 0
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=_Boom(RuntimeError('boom')))
+    learn.remove_cb(dist)  # removing the callback clears it too
+    assert learn.metrics == [] and not dist._on and teacher.training
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in [*learn.model.modules(), *teacher.modules()])
+
+def test_fit_with_cbs_cleans_up_after_an_error(tmp_path):
+    "A callback passed to `fit(cbs=...)` is removed when the fit ends, by an error too: that tears it down"
+    teacher, learn = _net(16, seed=1), _learner(tmp_path)
+    dist = DistillationCallback(teacher, pairs=[('3', '3')], critic=_disc())
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[dist, _Boom(RuntimeError('boom'))])
+    assert learn.metrics == [] and not dist._on and teacher.training and dist.learn is None
+    assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in [*learn.model.modules(), *teacher.modules()])
 
 def test_a_second_student_forward_in_the_batch(tmp_path):
     "A callback running the student again within the batch (consistency losses, R-Drop) leaves the teacher's output and the features alone"
@@ -409,14 +422,15 @@ def test_pairs_refuse_dataparallel_on_several_devices(tmp_path):
 # %% errors, before any change
 
 @pytest.mark.parametrize('kw,msg', [
-    (dict(pi_weight=-1.), 'pi_weight=-1'), (dict(pa_weight=float('nan')), 'pa_weight=nan'), (dict(ho_weight=True), 'ho_weight=True'),
+    (dict(pi_weight=-1.), 'pi_weight=-1'), (dict(pa_weight=float('nan')), 'pa_weight=nan'),
     (dict(T=0), 'T=0'), (dict(pool=1.5), 'pool=1.5'), (dict(pairs=[('3',)]), 'Invalid pair')])
 def test_bad_arguments(kw, msg):
     with pytest.raises(ValueError, match=msg.replace('(', r'\(')): DistillationCallback(_net(4), **kw)
 
 def test_bad_teacher_and_critic_arguments():
     with pytest.raises(TypeError, match='teacher'): DistillationCallback('resnet')
-    with pytest.raises(TypeError, match='discriminator of type str'): DistillationCallback(_net(4), critic='D')
+    with pytest.raises(TypeError, match='ho_weight=True'): DistillationCallback(_net(4), ho_weight=True)  # a bool is not a weight
+    with pytest.raises(TypeError, match="discriminator='D'"): DistillationCallback(_net(4), critic='D')
     with pytest.raises(ValueError, match='n_steps=0'): Critic(_disc(), n_steps=0)
     with pytest.raises(ValueError, match="loss='gan'"): Critic(_disc(), loss='gan')
     with pytest.raises(ValueError, match='lr=-1'): Critic(_disc(), lr=-1)
