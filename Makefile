@@ -1,11 +1,12 @@
 # Quick start: `make demo` (main job on the built-in data), `make test` (all tests).
 # Both create or reuse the virtual environment in .venv and install the package with its dev extra.
+# README.md is generated from nbs/index.ipynb: `make readme` after editing it (`make test` checks it).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast sync-check nbtest pytest bench clean
+.PHONY: demo test test-fast sync-check readme nbtest pytest bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,12 +23,18 @@ test: $(STAMP) sync-check nbtest pytest
 test-fast: $(STAMP) sync-check
 	$(BIN)/python -m pytest -m 'not slow' -q
 
-# Fails when nbdev-clean + nbdev-export change any file: notebooks and library out of sync.
+# Fails when nbdev-clean + nbdev-export change any file (notebooks and library out of sync),
+# or when README.md is not what tools/readme.py renders from nbs/index.ipynb.
 sync-check: $(STAMP)
 	@before="$$(git status --porcelain; git diff)"; \
 	$(BIN)/nbdev-clean && $(BIN)/nbdev-export; \
 	after="$$(git status --porcelain; git diff)"; \
 	if [ "$$before" != "$$after" ]; then echo "Notebooks and library are not in sync: run nbdev-clean and nbdev-export, then commit"; git status --short; exit 1; fi
+	$(BIN)/python tools/readme.py --check
+
+# README.md is generated from nbs/index.ipynb (standard library only: no environment needed)
+readme:
+	$(PYTHON) tools/readme.py
 
 nbtest: $(STAMP)
 	$(BIN)/nbdev-test --n-workers 2
