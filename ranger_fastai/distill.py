@@ -23,7 +23,7 @@ from .hooks import _Grab, _TeacherRun, _plain, _unwrap, _model_device, _move
 from .distributed import _broadcast_state
 from .terms import pool_nodes, _check_pool, _maps, _PhaseAverages, _term_columns
 from .critic import Critic, _critic_for_learner, _enabled_scaler
-import ranger_fastai.checkpoint # `learn.save`/`load` keep the critic, `learn.export` leaves the callback out
+from . import checkpoint as _checkpoint # `learn.save`/`load` keep the critic, `learn.export` leaves the callback out
 
 # %% auto #0
 __all__ = ['DistillationCallback']
