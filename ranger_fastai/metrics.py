@@ -5,7 +5,6 @@
 # %% ../nbs/04_metrics.ipynb #a45ba77e
 from __future__ import annotations
 import math
-import numpy as np
 import torch
 from torch import Tensor
 from fastai.learner import Metric
