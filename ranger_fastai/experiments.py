@@ -4,11 +4,10 @@
 
 # %% ../nbs/06_experiments.ipynb #f54d2868
 from __future__ import annotations
-import json, math, platform, random, time
+import math, random, time
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-import numpy as np
 import torch
 from torch import nn
 from fastai.imports import noop # the `noop` fastai compares `learn.logger` with
@@ -26,14 +25,14 @@ from .losses import critic_for
 from .distill import Critic # and `Learner.distill`
 from .data import digits_dls, digit_scenes_dls, image_folder_dls, camvid_dls
 from .models import classifier_learner, segmentation_learner, load_weights, load_teacher, decoder_pairs, _xkw
+from .report import leaderboard_table, distill_table, leaderboard_markdown, distill_markdown, write_report
 from .presets import VARIANTS, CLASSIFIERS, SEGMENTERS, SCENES
 from .models import ARCHS, ACTS, small_cnn, SegNet # importable from here too, as before
+from .report import ranger_agreement, plot_leaderboard, show_predictions, versions # importable from here too, as before
 from .presets import PRESETS # importable from here too, as before
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'run_leaderboard', 'leaderboard_table', 'ranger_agreement', 'plot_leaderboard', 'run_distill',
-           'distill_table', 'show_predictions', 'leaderboard_data', 'distill_data', 'leaderboard_markdown',
-           'distill_markdown', 'versions', 'write_report', 'run_experiments']
+__all__ = ['OPTIMIZERS', 'run_leaderboard', 'run_distill', 'leaderboard_data', 'distill_data', 'run_experiments']
 
 # %% ../nbs/06_experiments.ipynb #b3ce944b
 def _n_params(m:nn.Module)->int: return sum(p.numel() for p in m.parameters())
@@ -129,59 +128,6 @@ def run_leaderboard(dls, # Classification `DataLoaders` (e.g. `digits_dls()`)
         if log: log(f"[{i+1}/{len(jobs)}] {o:13s} lr={lr:g} seed={s}: accuracy {r['accuracy']:.4f} ({r['time']:.1f}s)")
     return runs
 
-# %% ../nbs/06_experiments.ipynb #d263e51f
-def _mean_std(xs)->tuple:
-    xs = np.asarray(xs, dtype=float)
-    return float(xs.mean()), (float(xs.std(ddof=1)) if len(xs) > 1 else math.nan)
-
-def leaderboard_table(runs:list, # Runs from `run_leaderboard`
-                     )->list:
-    "One row per optimizer and learning rate: seeds, mean and std of the final accuracy, mean time per run"
-    runs = [r for r in runs if r['experiment'] == 'leaderboard']
-    rows = []
-    for lr in sorted({r['lr'] for r in runs}):
-        for o in OPTIMIZERS:
-            rs = [r for r in runs if r['optimizer'] == o and r['lr'] == lr]
-            if not rs: continue
-            m, s = _mean_std([r['accuracy'] for r in rs])
-            rows.append(dict(optimizer=o, lr=lr, seeds=len(rs), accuracy=m, std=s, time=float(np.mean([r['time'] for r in rs]))))
-    return rows
-
-def ranger_agreement(runs:list, # Runs from `run_leaderboard`
-                    )->dict|None:
-    "Our `ranger` against fastai's at equal learning rate and seed: the largest and mean absolute accuracy difference"
-    runs = [r for r in runs if r['experiment'] == 'leaderboard']
-    key = lambda r: (r['lr'], r['seed'])
-    ours = {key(r): r['accuracy'] for r in runs if r['optimizer'] == 'ranger'}
-    diffs = [abs(ours[key(r)] - r['accuracy']) for r in runs if r['optimizer'] == 'fastai ranger' and key(r) in ours]
-    return dict(pairs=len(diffs), max_diff=max(diffs), mean_diff=float(np.mean(diffs))) if diffs else None
-
-# %% ../nbs/06_experiments.ipynb #7d2a3ccc
-_STYLES = {'fastai ranger': '--', 'ranger': ':'} # the two rangers overlap: keep both visible
-
-def _best_lr(rows, optimizer): return max((r for r in rows if r['optimizer'] == optimizer), key=lambda r: r['accuracy'])['lr']
-
-def plot_leaderboard(runs:list, # Runs from `run_leaderboard`
-                     fname:str|Path|None=None, # Save the figure there (PNG) and close it
-                    ):
-    "Per optimizer, at its best learning rate: mean training loss and validation accuracy by epoch"
-    import matplotlib.pyplot as plt
-    runs = [r for r in runs if r['experiment'] == 'leaderboard']
-    rows = leaderboard_table(runs)
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(11, 4))
-    for o in [o for o in OPTIMIZERS if any(r['optimizer'] == o for r in rows)]:
-        lr = _best_lr(rows, o)
-        rs = [r for r in runs if r['optimizer'] == o and r['lr'] == lr]
-        ep = np.arange(1, len(rs[0]['curve'])+1)
-        kw = dict(marker='.', label=f'{o} (lr {lr:g})', ls=_STYLES.get(o, '-'), lw=2.5 if o == 'fastai ranger' else 1.5)
-        a0.plot(ep, np.mean([r['train_loss'] for r in rs], 0), **kw)
-        a1.plot(ep, np.mean([r['curve'] for r in rs], 0), **kw)
-    a0.set(xlabel='epoch', ylabel='training loss', title='Training loss (mean over seeds)')
-    a1.set(xlabel='epoch', ylabel='validation accuracy', title='Validation accuracy (mean over seeds)')
-    a1.legend(fontsize=8); fig.tight_layout()
-    if fname is not None: fig.savefig(fname, dpi=90); plt.close(fig)
-    return fig
-
 # %% ../nbs/06_experiments.ipynb #ef0cadce
 def _student(dls, seed, make, teacher, terms, weights, T, pairs, pool, critic):
     "A student `Learner` (`make()`) seeded with `seed`, with the distillation `terms` attached, then seeded again (probing batches changes no order)"
@@ -252,65 +198,6 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
         if log: log(f"[{i+1}/{len(jobs)}] {v:13s} seed={s}: mIoU {r['miou']:.4f} ({r['time']:.1f}s)")
     return runs
 
-# %% ../nbs/06_experiments.ipynb #de455e3d
-def distill_table(runs:list, # Runs from `run_distill`
-                 )->list:
-    "One row per variant (teacher first): seeds, mean and std of the mIoU, change from the row above and the baseline, gap closed, time"
-    runs = [r for r in runs if r['experiment'] == 'distill']
-    teacher = next((r for r in runs if r['variant'] == 'teacher'), None)
-    rows, base, prev = [], None, None
-    if teacher: rows.append(dict(variant='teacher', seeds=1, params=teacher['params'], miou=teacher['miou'], std=math.nan,
-                                 delta=math.nan, vs_student=math.nan, gap_closed=math.nan, time=teacher['time']))
-    for v in VARIANTS:
-        rs = [r for r in runs if r['variant'] == v]
-        if not rs: continue
-        m, s = _mean_std([r['miou'] for r in rs])
-        if v == 'student': base = m
-        gap = (teacher['miou'] - base) if teacher and base is not None else math.nan
-        rows.append(dict(variant=v, seeds=len(rs), params=rs[0]['params'], miou=m, std=s,
-                         delta=m - prev if prev is not None else math.nan,
-                         vs_student=m - base if base is not None else math.nan,
-                         gap_closed=(m - base)/gap if gap and gap > 0 else math.nan,
-                         time=float(np.mean([r['time'] for r in rs]))))
-        prev = m
-    return rows
-
-# %% ../nbs/06_experiments.ipynb #9337480e
-def show_predictions(models:dict, # Models by name, e.g. what `run_distill` filled in
-                     dls, # The segmentation `DataLoaders`
-                     names:list|None=None, # Which models, in order (`None`: teacher, student, and the last distilled variant present)
-                     n:int=4, # Number of validation images
-                     fname:str|Path|None=None, # Save the figure there (PNG) and close it
-                    ):
-    "Rows of validation images: image, truth, and each model's prediction, with a legend of the classes"
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import Normalize as Norm
-    from matplotlib.patches import Patch
-    if names is None: names = [k for k in ('teacher', 'student') if k in models] + [v for v in VARIANTS if v in models and v != 'student'][-1:]
-    xb, yb = dls.valid.one_batch()
-    xb, yb, n = xb[:n], yb[:n].cpu(), min(n, len(xb))
-    preds = []
-    for k in names:
-        m = models[k]; was = m.training
-        with torch.no_grad(): preds.append(m.eval()(xb).argmax(1).cpu())
-        m.train(was)
-    n_cls = len(dls.vocab)
-    cmap, vmax = (plt.get_cmap('tab20'), 19) if n_cls <= 20 else (plt.get_cmap('nipy_spectral'), n_cls - 1)
-    cols = ['image', 'truth', *names]
-    fig, axs = plt.subplots(n, len(cols), figsize=(1.9*len(cols), 1.9*n), squeeze=False)
-    for i in range(n):
-        axs[i, 0].imshow(xb[i].cpu().permute(1, 2, 0).clamp(0, 1))
-        for j,m in enumerate([yb[i], *[p[i] for p in preds]], 1): axs[i, j].imshow(m, cmap=cmap, vmin=0, vmax=vmax, interpolation='nearest')
-    for a,t in zip(axs[0], cols): a.set_title(t if t != 'student' else 'student (baseline)', fontsize=9)
-    for a in axs.flat: a.axis('off')
-    fig.tight_layout()
-    colour = Norm(0, vmax) # what `imshow` does with `vmin=0, vmax=vmax`
-    ncol = min(n_cls, 6)
-    fig.legend([Patch(color=cmap(colour(i))) for i in range(n_cls)], list(map(str, dls.vocab)), loc='upper center', bbox_to_anchor=(0.5, 0),
-               ncol=ncol, fontsize=8, frameon=False)
-    if fname is not None: fig.savefig(fname, dpi=90, bbox_inches='tight'); plt.close(fig)
-    return fig
-
 # %% ../nbs/06_experiments.ipynb #a3e6f174
 def leaderboard_data(data:str|Path|None=None, # An ImageFolder tree (`train/`, `valid/`), or `None` for the built-in digits
                      bs:int=64, # Batch size
@@ -333,91 +220,6 @@ def distill_data(data:str|Path|None=None, # A CamVid-style folder, or `None` for
         if size is not None: sc['size'] = size
         return digit_scenes_dls(bs=bs, seed=0, device=device, **sc)
     return camvid_dls(data, bs=bs, size=size, device=device)
-
-# %% ../nbs/06_experiments.ipynb #c30b00ce
-def _num(x, d=4): return '' if x is None or (isinstance(x, float) and math.isnan(x)) else f'{x:.{d}f}'
-def _pm(m, s, d=4): return _num(m, d) + (f' ± {_num(s, d)}' if s == s else '')
-
-def _md_table(header:list, rows:list)->str:
-    "A markdown table"
-    return '\n'.join(['| ' + ' | '.join(header) + ' |', '|' + '---|'*len(header)] + ['| ' + ' | '.join(map(str, r)) + ' |' for r in rows])
-
-def leaderboard_markdown(rows:list)->str:
-    "`leaderboard_table` rows as a markdown table"
-    return _md_table(['optimizer', 'lr', 'seeds', 'accuracy (mean ± std)', 'time per run (s)'],
-                     [[r['optimizer'], f"{r['lr']:g}", r['seeds'], _pm(r['accuracy'], r['std']), _num(r['time'], 1)] for r in rows])
-
-def distill_markdown(rows:list)->str:
-    "`distill_table` rows as a markdown table"
-    sign = lambda x: '' if x != x else f'{x:+.4f}'
-    return _md_table(['variant', 'seeds', 'parameters', 'mIoU (mean ± std)', 'Δ row above', 'Δ student', 'gap closed', 'time per run (s)'],
-                     [[r['variant'], r['seeds'], f"{r['params']:,}", _pm(r['miou'], r['std']), sign(r['delta']), sign(r['vs_student']),
-                       '' if r['gap_closed'] != r['gap_closed'] else f"{r['gap_closed']:.0%}", _num(r['time'], 1)] for r in rows])
-
-# %% ../nbs/06_experiments.ipynb #00dee07a
-def _jsonable(x):
-    "`x` with tuples as lists, numpy numbers as Python ones and NaN as `None` (strict JSON)"
-    if isinstance(x, dict): return {str(k): _jsonable(v) for k,v in x.items()}
-    if isinstance(x, (list, tuple)): return [_jsonable(v) for v in x]
-    if isinstance(x, np.generic): x = x.item()
-    if isinstance(x, Path): x = str(x)
-    if isinstance(x, float) and not math.isfinite(x): return None
-    return x
-
-def _settings(kw:dict)->str: return ', '.join(f'{k}={v}' for k,v in kw.items())
-
-def _models_text(runs:list)->str: return ', '.join(f"`{m}`" for m in dict.fromkeys(r['model'] for r in runs))
-
-def versions()->dict:
-    "The versions of Python and of the packages the results depend on (`None` for one that is not installed)"
-    from importlib.metadata import version, PackageNotFoundError
-    def v(pkg):
-        try: return version(pkg)
-        except PackageNotFoundError: return None
-    return dict(python=platform.python_version(), **{k: v(k) for k in ('ranger_fastai', 'torch', 'torchvision', 'fastai', 'numpy', 'scikit-learn', 'pillow')})
-
-def write_report(out:str|Path, # Folder (created)
-                 runs:list, # Runs of `run_leaderboard` and/or `run_distill`
-                 models:dict|None=None, # Models for the predictions picture (see `run_distill`)
-                 distill_dls=None, # The distillation `DataLoaders`, for the predictions picture
-                 config:dict|None=None, # Settings to record (JSON-able)
-                 interrupted:bool=False, # Whether the runs were interrupted
-                 elapsed:float|None=None, # Total wall time, in seconds
-                )->dict:
-    "Write `out/report.md`, `out/results.json` and the figures; the results as a dict"
-    out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    config = config or {}
-    lb_rows, ds_rows, agree = leaderboard_table(runs), distill_table(runs), ranger_agreement(runs)
-    env = dict(versions(), threads=torch.get_num_threads())
-    md = ['# ranger-fastai report', '']
-    if config.get('command'): md += [f"Command: `{config['command']}`", '']
-    md += [', '.join(f'{k} {v}' for k,v in versions().items()) + f"; {env['threads']} CPU thread(s)" + (f", device {config['device']}" if config.get('device') else '')
-           + (f"; total wall time {elapsed:.0f} s." if elapsed is not None else '.'), '']
-    if interrupted: md += [f'**Interrupted** (Ctrl-C) after {len(runs)} finished run(s): the tables hold the runs that finished.', '']
-    if lb_rows:
-        lb_runs = [r for r in runs if r['experiment'] == 'leaderboard']
-        md += ['## Optimizer leaderboard', '', f"Model {_models_text(lb_runs)} ({lb_runs[0]['params']:,} parameters), `fit_flat_cos`; {_settings(config.get('leaderboard', {}))}.", '',
-               'Final validation accuracy over seeds; time per run is the wall time of `fit` (tiny models: it is mostly overhead, not optimizer cost).', '',
-               leaderboard_markdown(lb_rows), '']
-        if agree: md += [f"Our `ranger` against fastai's `ranger`, same learning rate and seed ({agree['pairs']} pairs): largest accuracy difference "
-                         f"{agree['max_diff']:.4f}, mean {agree['mean_diff']:.4f}.", '']
-        plot_leaderboard(runs, out/'leaderboard.png')
-        md += ['![Leaderboard curves](leaderboard.png)', '']
-    if ds_rows:
-        ds_runs = [r for r in runs if r['experiment'] == 'distill']
-        teacher = [r for r in ds_runs if r['variant'] == 'teacher']
-        md += ['## Structured knowledge distillation', '', f"Teacher {_models_text(teacher)}, students {_models_text([r for r in ds_runs if r['variant'] != 'teacher'])}, "
-               f"trained with `ranger` and `fit_flat_cos`; {_settings(config.get('distill', {}))}.", '',
-               'Dataset-level mean IoU (background included) over student seeds; each row adds one term to the row above. '
-               'Gap closed: (variant - student) / (teacher - student).', '', distill_markdown(ds_rows), '']
-        if models and distill_dls is not None and 'teacher' in models and len(models) > 1:
-            show_predictions(models, distill_dls, fname=out/'predictions.png')
-            md += ['![Predictions: image, truth, teacher, student, distilled student](predictions.png)', '']
-    res = _jsonable(dict(config=config, environment=env, interrupted=interrupted, elapsed=elapsed, runs=runs,
-                         tables=dict(leaderboard=lb_rows, distill=ds_rows, ranger_agreement=agree)))
-    (out/'results.json').write_text(json.dumps(res, indent=1))
-    (out/'report.md').write_text('\n'.join(md))
-    return res
 
 # %% ../nbs/06_experiments.ipynb #27bec8da
 from fastai.torch_core import rank_distrib
