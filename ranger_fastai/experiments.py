@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_experiments.ipynb #f54d2868
 from __future__ import annotations
-import math, random, time
+import random, time
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -18,7 +18,7 @@ from fastai.optimizer import Adam, RAdam, ranger as fastai_ranger
 from fastai.torch_core import set_seed
 from fastai.callback.schedule import fit_flat_cos # adds `Learner.fit_flat_cos`
 from fastai.callback.progress import ProgressCallback
-from .checks import check_choice
+from .checks import check_arg, check_number, check_choice
 from .optimizer import ranger
 from .metrics import MeanIoU
 from .losses import critic_for
@@ -84,16 +84,10 @@ OPTIMIZERS = {'Adam': Adam, 'RAdam': RAdam, 'fastai ranger': fastai_ranger,
               'ranger': ranger, 'ranger + GC': partial(ranger, use_gc=True)}
 
 # %% ../nbs/06_experiments.ipynb #25e695bb
-def _check_names(name, given, known):
-    bad = [g for g in given if g not in known]
-    if bad: raise ValueError(f"Unknown {name} {bad}: expected some of {list(known)}")
-
-def _check_list(name, v, kind):
-    if not len(v) or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v): raise ValueError(f"Invalid {name}={v!r}: expected a non-empty list of {kind.__name__}s")
-    if kind is float and not all(math.isfinite(x) and x > 0 for x in v): raise ValueError(f"Invalid {name}={v!r}: expected numbers > 0")
-
-def _check_epochs(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1: raise ValueError(f"Invalid {name}={v!r}: expected an integer >= 1")
+def _check_numbers(name:str, v:list, **kwargs):
+    "Raise unless `v` is a non-empty list of numbers, each valid for `check_number(**kwargs)` (named `name[i]` in the error)"
+    check_arg(name, v, len(v) > 0, 'a non-empty list')
+    for i,x in enumerate(v): check_number(f'{name}[{i}]', x, **kwargs)
 
 def run_leaderboard(dls, # Classification `DataLoaders` (e.g. `digits_dls()`)
                     optimizers:list|None=None, # Names in `OPTIMIZERS` (`None`: all of them)
@@ -112,8 +106,9 @@ def run_leaderboard(dls, # Classification `DataLoaders` (e.g. `digits_dls()`)
                    )->list:
     "Train `arch` with each optimizer, learning rate and seed; the list of runs"
     optimizers = list(OPTIMIZERS) if optimizers is None else list(optimizers)
-    _check_names('optimizers', optimizers, OPTIMIZERS); _check_list('lrs', list(lrs), float)
-    _check_list('seeds', list(seeds), int); _check_epochs('epochs', epochs); check_choice('arch', arch, CLASSIFIERS); _xkw(arch, act, sa)
+    check_arg('optimizers', optimizers, all(o in OPTIMIZERS for o in optimizers), f"some of {tuple(OPTIMIZERS)}")
+    _check_numbers('lrs', list(lrs), lo=0, lo_open=True); _check_numbers('seeds', list(seeds), integer=True)
+    check_number('epochs', epochs, 1, integer=True); check_choice('arch', arch, CLASSIFIERS); _xkw(arch, act, sa)
     if weights is not None: weights = load_weights(weights, arch, act=act, sa=sa)
     runs = [] if runs is None else runs
     jobs = [(o, lr, s) for lr in lrs for s in seeds for o in optimizers]
@@ -167,8 +162,9 @@ def run_distill(dls, # Segmentation `DataLoaders` (e.g. `digit_scenes_dls()`)
                )->list:
     "Train (or take) a teacher, then students with each variant and seed; the list of runs (teacher first)"
     variants = list(VARIANTS) if variants is None else list(variants)
-    _check_names('variants', variants, VARIANTS); _check_list('seeds', list(seeds), int)
-    _check_epochs('epochs', epochs); _check_epochs('teacher_epochs', teacher_epochs)
+    check_arg('variants', variants, all(v in VARIANTS for v in variants), f"some of {tuple(VARIANTS)}")
+    _check_numbers('seeds', list(seeds), integer=True)
+    check_number('epochs', epochs, 1, integer=True); check_number('teacher_epochs', teacher_epochs, 1, integer=True)
     check_choice('teacher_arch', teacher_arch, SEGMENTERS); check_choice('student_arch', student_arch, SEGMENTERS)
     if teacher is not None and teacher_weights is not None: raise ValueError("teacher and teacher_weights: a given teacher is not trained, it keeps its own weights")
     if student_weights is not None: student_weights = load_weights(student_weights, student_arch, 'student_weights')
@@ -224,10 +220,10 @@ def distill_data(data:str|Path|None=None, # A CamVid-style folder, or `None` for
 # %% ../nbs/06_experiments.ipynb #27bec8da
 from fastai.torch_core import rank_distrib
 
-def _plain(v)->bool:
+def _recordable(v)->bool:
     "Whether `v` is a setting to record: numbers, strings, paths, and lists or dicts of them (not models or state dicts)"
-    if isinstance(v, (list, tuple)): return all(map(_plain, v))
-    if isinstance(v, dict): return all(isinstance(k, str) and _plain(x) for k,x in v.items())
+    if isinstance(v, (list, tuple)): return all(map(_recordable, v))
+    if isinstance(v, dict): return all(isinstance(k, str) and _recordable(x) for k,x in v.items())
     return v is None or isinstance(v, (str, int, float, Path))
 
 def run_experiments(out:str|Path, # Folder of the report
@@ -242,7 +238,7 @@ def run_experiments(out:str|Path, # Folder of the report
     runs, models, interrupted, start = [], {}, False, time.perf_counter()
     cfg = dict(config or {})
     for k,kw in (('leaderboard', leaderboard), ('distill', distill)):
-        if kw is not None: cfg[k] = {a: v for a,v in kw.items() if a != 'dls' and _plain(v)}
+        if kw is not None: cfg[k] = {a: v for a,v in kw.items() if a != 'dls' and _recordable(v)}
     try:
         if leaderboard is not None: run_leaderboard(runs=runs, cbs=cbs, bar=bar, log=log, **leaderboard)
         if distill is not None: run_distill(runs=runs, models=models, cbs=cbs, bar=bar, log=log, **distill)
