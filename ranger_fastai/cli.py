@@ -89,7 +89,7 @@ def _parser()->argparse.ArgumentParser:
     return p
 
 # %% ../nbs/05_cli.ipynb #bf0fb5be
-def _device(name:str|None):
+def _pick_device(name:str|None):
     "The `torch.device` for `--device` (`None`: cuda if available, else mps, else cpu); `ValueError` if unavailable"
     import torch
     mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
@@ -199,7 +199,7 @@ def main(argv:list|None=None, # Arguments (default: the command line)
     torch.set_num_threads(a.threads)
     with ExitStack() as stack: # leaves the process group (if any) on every way out
         try:
-            device, cbs = stack.enter_context(_processes(_device(a.device)))
+            device, cbs = stack.enter_context(_processes(_pick_device(a.device)))
             settings = _settings_from_options(a)
             info = _data(a, settings, device)
             info.update(_models(a, settings))

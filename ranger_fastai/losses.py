@@ -29,7 +29,7 @@ def _shape(t)->tuple|str:
     return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
 
 # %% ../nbs/01_losses.ipynb #adaba428
-def _check_logits(s:Tensor, t:Tensor):
+def _check_pixel_logits(s:Tensor, t:Tensor):
     "Raise a `ValueError` unless student logits `s` and teacher logits `t` can be compared position by position"
     if s.ndim < 2 or s.ndim != t.ndim:
         raise ValueError(f"pixel_wise_loss needs logits of the same rank, (N, C) or (N, C, H, W): got student {_shape(s)}, teacher {_shape(t)}")
@@ -82,7 +82,7 @@ def pixel_wise_loss(student_logits:Tensor, # Student logits, (N, C) or (N, C, H,
                     T:float=1.0, # Softmax temperature
                    )->Tensor:
     "Mean over positions of KL(softmax(teacher/T) || softmax(student/T)), times T²"
-    _check_logits(student_logits, teacher_logits)
+    _check_pixel_logits(student_logits, teacher_logits)
     check_number('T', T, 0, lo_open=True)
     return _pixel_wise(student_logits, teacher_logits, T)[0]
 
