@@ -23,8 +23,8 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.callback.progress import *  # Learner.no_bar
 from ranger_fastai.losses import Discriminator, wgan_gp_loss
 from ranger_fastai.optimizer import ranger
-from ranger_fastai.experiments import SegNet
-from ranger_fastai.cli import keep_freed_memory
+from ranger_fastai.models import SegNet
+from ranger_fastai.memory import keep_freed_memory
 from distill_step import random_dls, STUDENT_W, N_CLASSES, SIZE, BS
 
 clock = time.thread_time

@@ -13,7 +13,9 @@ import argparse, statistics, time
 from functools import partial
 import torch
 from fastai.optimizer import Adam
-from ranger_fastai.experiments import SegNet, SCENES, distill_data, _learner
+from ranger_fastai.models import SegNet
+from ranger_fastai.presets import SCENES
+from ranger_fastai.experiments import distill_data, _learner
 from ranger_fastai.metrics import MeanIoU
 from ranger_fastai.optimizer import ranger
 from ranger_fastai.losses import Discriminator, critic_for, _scores, _penalty

@@ -13,7 +13,9 @@ Usage: python bench/critic_search.py [--seed 0] [--out bench_out] [CONFIG ...]  
 import argparse, json
 from pathlib import Path
 import torch
-from ranger_fastai.experiments import PRESETS, SegNet, distill_data, _learner, _seed, _student, _fit
+from ranger_fastai.models import SegNet
+from ranger_fastai.presets import PRESETS
+from ranger_fastai.experiments import distill_data, _learner, _seed, _student, _fit
 from ranger_fastai.metrics import MeanIoU
 from ranger_fastai.optimizer import ranger
 from ranger_fastai.losses import Discriminator

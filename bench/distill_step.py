@@ -39,8 +39,9 @@ from fastai.callback.progress import *  # Learner.no_bar
 from ranger_fastai.losses import Discriminator, critic_for, pixel_wise_loss, pair_wise_loss
 from ranger_fastai.distill import DistillationCallback, Critic
 from ranger_fastai.optimizer import ranger
-from ranger_fastai.experiments import SegNet, PRESETS
-from ranger_fastai.cli import keep_freed_memory
+from ranger_fastai.models import SegNet
+from ranger_fastai.presets import PRESETS
+from ranger_fastai.memory import keep_freed_memory
 
 SETTINGS = PRESETS['distill']['distill']
 TEACHER_W, STUDENT_W, N_CLASSES, SIZE, BS = SETTINGS['teacher_width'], SETTINGS['student_width'], 11, PRESETS['distill']['scenes']['size'], PRESETS['distill']['distill_bs']

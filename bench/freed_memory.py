@@ -12,7 +12,7 @@ import argparse, os, statistics, subprocess, sys
 CYCLES = '''
 import resource, sys, torch
 if sys.argv[1] == 'keep':
-    from ranger_fastai.cli import keep_freed_memory
+    from ranger_fastai.memory import keep_freed_memory
     assert keep_freed_memory()
 res = []
 for i in range(12):

@@ -70,7 +70,7 @@ import torch
 from fastai.vision.all import Learner, CrossEntropyLossFlat, Callback, MixedPrecision, set_seed, noop
 from ranger_fastai.all import *  # ranger, Learner.distill, Discriminator
 from ranger_fastai.data import digit_scenes_dls
-from ranger_fastai.experiments import SegNet
+from ranger_fastai.models import SegNet
 warnings.filterwarnings('ignore', category=FutureWarning)
 dev, fp16 = os.environ.get('DEVICE', 'cuda'), os.environ.get('FP16', '1') == '1'
 print(f"torch {torch.__version__}, device {dev}, to_fp16 {fp16}")

@@ -4,14 +4,15 @@
 
 # %% ../nbs/05_cli.ipynb #44883e8a
 from __future__ import annotations
-import argparse, ctypes, re, shlex, sys, warnings
+import argparse, re, shlex, sys, warnings
 warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated') # torch's notice about fastai internals, not the user's business
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from .presets import OPTIMIZER_NAMES, VARIANTS, CLASSIFIERS, SEGMENTERS, ACTIVATIONS, PRESETS
+from .presets import OPTIMIZER_NAMES, VARIANTS, CLASSIFIERS, SEGMENTERS, ACTIVATIONS, PRESETS, _settings_text
+from .memory import keep_freed_memory
 
 # %% auto #0
-__all__ = ['keep_freed_memory', 'main']
+__all__ = ['main']
 
 # %% ../nbs/05_cli.ipynb #4866cdbd
 def _positive(kind):
@@ -88,7 +89,7 @@ def _parser()->argparse.ArgumentParser:
     return p
 
 # %% ../nbs/05_cli.ipynb #bf0fb5be
-def _device(name:str|None):
+def _pick_device(name:str|None):
     "The `torch.device` for `--device` (`None`: cuda if available, else mps, else cpu); `ValueError` if unavailable"
     import torch
     mps = getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available()
@@ -111,7 +112,7 @@ def _check_teacher(o:dict):
         if o.get(k): raise ValueError(f"--{k.replace('_', '-')} {o[k]} with --teacher {t}: a given teacher is not trained again")
     if t.suffix == '.pkl' and o.get('teacher_arch'): raise ValueError(f"--teacher-arch {o['teacher_arch']} with --teacher {t}: an exported Learner holds its own model (--teacher-arch is for a state dict file)")
 
-def _settings(a:argparse.Namespace)->dict:
+def _settings_from_options(a:argparse.Namespace)->dict:
     "`leaderboard` and `distill` settings (`None` to skip one) from the preset of `a.command` and the options"
     pre, o = PRESETS[a.command], vars(a)
     lb = ds = None
@@ -148,10 +149,8 @@ def _data(a, settings:dict, device)->dict:
     if settings['distill'] is not None:
         scenes = dict(pre['scenes'], **(dict(n_train=a.scenes[0], n_valid=a.scenes[1]) if getattr(a, 'scenes', None) else {}))
         settings['distill']['dls'] = distill_data(data, bs=a.bs or pre['distill_bs'], size=size, device=device, scenes=scenes)
-        info['distill_data'] = str(data) if data else f"built-in digit scenes ({_scene_text(scenes)})"
+        info['distill_data'] = str(data) if data else f"built-in digit scenes ({_settings_text(scenes)})"
     return info
-
-def _scene_text(scenes:dict)->str: return ', '.join(f'{k}={v}' for k,v in scenes.items())
 
 def _models(a, settings:dict)->dict:
     "Load and check the files of `--weights`, `--teacher-weights`, `--student-weights` and `--teacher` into `settings`; the files, for the report"
@@ -185,17 +184,6 @@ def _processes(device):
     from fastai.distributed import DistributedTrainer
     with process_group(device) as dev: yield dev, [DistributedTrainer(sync_bn=dev.type == 'cuda', cpu=dev.type == 'cpu')]
 
-# %% ../nbs/05_cli.ipynb #7c2e4b91
-def keep_freed_memory(keep:int=1<<30, # Bytes of freed memory the process may keep for reuse (below 2**31)
-                     )->bool:
-    "On glibc, keep freed memory for reuse instead of handing it back to the system at every batch; `False` where unsupported"
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep < 2**31: raise ValueError(f"Invalid keep={keep!r}: expected an int in [0, 2**31)")
-    try: mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError, TypeError): return False # no C library to load, or no mallopt in it
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    ok = [mallopt(k, v) == 1 for k,v in ((M_TRIM_THRESHOLD, keep), (M_TOP_PAD, min(keep, 64 << 20)), (M_MMAP_THRESHOLD, 32 << 20))] # all three, even if one fails
-    return all(ok)
-
 # %% ../nbs/05_cli.ipynb #534e2c56
 def main(argv:list|None=None, # Arguments (default: the command line)
         ):
@@ -211,8 +199,8 @@ def main(argv:list|None=None, # Arguments (default: the command line)
     torch.set_num_threads(a.threads)
     with ExitStack() as stack: # leaves the process group (if any) on every way out
         try:
-            device, cbs = stack.enter_context(_processes(_device(a.device)))
-            settings = _settings(a)
+            device, cbs = stack.enter_context(_processes(_pick_device(a.device)))
+            settings = _settings_from_options(a)
             info = _data(a, settings, device)
             info.update(_models(a, settings))
         except (FileNotFoundError, NotADirectoryError, ValueError, ImportError) as e: fail(e)

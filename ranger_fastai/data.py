@@ -18,6 +18,7 @@ from fastai.data.transforms import IndexSplitter, get_image_files, parent_label
 from fastai.data.core import DataLoaders
 from fastai.vision.data import ImageBlock, MaskBlock
 from fastai.vision.augment import Resize, aug_transforms
+from .checks import check_arg, check_number, check_choice
 
 # %% auto #0
 __all__ = ['DIGIT_CLASSES', 'SCENE_CODES', 'digit_split', 'Scenes', 'digit_scenes', 'show_scenes', 'digit_scenes_dls',
@@ -34,14 +35,11 @@ def _digits():
     d = load_digits()
     return (d.images/16.).astype(np.float32), d.target.astype(np.int64)
 
-def _check_pct(valid_pct):
-    if not 0 < valid_pct < 1: raise ValueError(f"Invalid valid_pct={valid_pct!r}: expected a fraction in (0, 1)")
-
 def digit_split(valid_pct:float=0.2, # Fraction of each digit's images kept for validation
                 split_seed:int=0, # Seed of the split (independent of the seeds that draw scenes)
                )->tuple:
     "Sorted indices `(train, valid)` into scikit-learn's 1797 digits: disjoint, stratified by digit"
-    _check_pct(valid_pct)
+    check_number('valid_pct', valid_pct, 0, 1, lo_open=True, hi_open=True)
     _, y = _digits()
     rng = np.random.default_rng(split_seed)
     valid = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:round((y == c).sum()*valid_pct)] for c in range(10)])
@@ -56,7 +54,8 @@ class Scenes(NamedTuple):
     sources: np.ndarray
 
 def _check_range_pair(name, v, lo, hi):
-    if not (len(v) == 2 and lo <= v[0] <= v[1] <= hi): raise ValueError(f"Invalid {name}={v!r}: expected a pair (low, high) with {lo} <= low <= high <= {hi}")
+    "Raise unless `v` is a pair (low, high) with `lo <= low <= high <= hi`"
+    check_arg(name, v, len(v) == 2 and lo <= v[0] <= v[1] <= hi, f"a pair (low, high) with {lo} <= low <= high <= {hi}")
 
 def _pixel_grid(size):
     "Pixel centres of a `size`x`size` canvas, x and y each of shape (size*size,)"
@@ -154,14 +153,12 @@ def digit_scenes(n:int, # Number of scenes
                  split_seed:int=0, # Seed of the source split (see `digit_split`)
                 )->Scenes:
     "`n` seeded digit scenes for segmentation: images, masks (0 background, `d+1` for digit `d`) and source digit indices"
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1: raise ValueError(f"Invalid n={n!r}: expected an integer >= 1")
-    if not isinstance(size, (int, np.integer)) or size < 8: raise ValueError(f"Invalid size={size!r}: expected an integer >= 8")
-    if split not in ('train', 'valid'): raise ValueError(f"Invalid split={split!r}: expected 'train' or 'valid'")
+    check_number('n', n, 1, integer=True); check_number('size', size, 8, integer=True); check_choice('split', split, ('train', 'valid'))
     _check_range_pair('n_digits', n_digits, 0, 64)
-    if n_digits[1] < 1: raise ValueError(f"Invalid n_digits={n_digits!r}: at least one digit slot is needed")
+    check_arg('n_digits', n_digits, n_digits[1] >= 1, 'high >= 1 (room for one digit at least)')
     _check_range_pair('scale', scale, 0.05, 1)
     _check_range_pair('n_clutter', n_clutter, 0, 64)
-    if not 0 <= noise <= 1: raise ValueError(f"Invalid noise={noise!r}: expected a value in [0, 1]")
+    check_number('noise', noise, 0, 1)
     pool = digit_split(valid_pct, split_seed)[split == 'valid']
     rng = np.random.default_rng([seed, int(split == 'valid')])
     r = _draws(rng, n, size, pool, n_digits, scale, (n_clutter[0], max(n_clutter[1], 1)), max_rotate)
@@ -266,7 +263,7 @@ def _check_sizes(pairs, size):
             sizes.add(a.size)
     if size is None and len(sizes) > 1: raise ValueError(f"Images have different sizes ({_examples(sorted(sizes))}): pass size=N to resize them")
 
-def _check_labels(masks, n_codes, void):
+def _check_mask_codes(masks, n_codes, void):
     "Raise if a mask holds a label `>= n_codes` (other than `void`)"
     for m in masks:
         a = np.asarray(Image.open(m))
@@ -308,7 +305,7 @@ def camvid_dls(path, # A folder with `images/`, `labels/`, `codes.txt`, `valid.t
     missing = [f.name for f in imgs if not get_y(f).exists()]
     if missing: raise ValueError(f"{len(missing)} images have no mask labels/<stem>_P.png or labels/<stem>.png: {_examples(missing)}")
     _check_sizes([(f, get_y(f)) for f in imgs], size)
-    _check_labels([get_y(f) for f in imgs], len(codes), void)
+    _check_mask_codes([get_y(f) for f in imgs], len(codes), void)
     dblock = DataBlock(blocks=(ImageBlock, MaskBlock(codes)), get_y=get_y, splitter=IndexSplitter(valid),
                        item_tfms=None if size is None else Resize(size), batch_tfms=batch_tfms)
     dls = dblock.dataloaders(imgs, bs=bs, device=device, num_workers=num_workers, **kwargs)
@@ -319,7 +316,7 @@ def camvid_dls(path, # A folder with `images/`, `labels/`, `codes.txt`, `valid.t
 def digit_images(size:int=32, # Side of the images
                 )->np.ndarray:
     "All 1797 digits as uint8 RGB images (1797,size,size,3), the digit upscaled to fill 3/4 of the side"
-    if not isinstance(size, (int, np.integer)) or size < 8: raise ValueError(f"Invalid size={size!r}: expected an integer >= 8")
+    check_number('size', size, 8, integer=True)
     imgs, _ = _digits()
     inner = round(size*0.75)
     up = F.interpolate(torch.from_numpy(imgs)[:,None], size=(inner, inner), mode='bilinear', align_corners=False)

@@ -13,6 +13,7 @@ from torch import nn, Tensor
 from fastai.torch_core import Module
 from fastai.layers import ConvLayer, NormType, SelfAttention
 from fastcore.basics import store_attr
+from .checks import check_arg, check_number, check_choice
 
 # %% auto #0
 __all__ = ['pixel_wise_loss', 'pair_wise_loss', 'Discriminator', 'wgan_gp_loss', 'critic_for', 'hinge_loss', 'generator_loss']
@@ -23,10 +24,12 @@ def _no_autocast(t:Tensor):
     dev = t.device.type
     return torch.autocast(device_type=dev, enabled=False) if torch.is_autocast_enabled(dev) else nullcontext()
 
-def _shape(t:Tensor)->tuple: return tuple(t.shape)
+def _shape(t)->tuple|str:
+    "The shape of tensor `t` for an error message (the type's name for anything else)"
+    return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
 
 # %% ../nbs/01_losses.ipynb #adaba428
-def _check_logits(s:Tensor, t:Tensor):
+def _check_pixel_logits(s:Tensor, t:Tensor):
     "Raise a `ValueError` unless student logits `s` and teacher logits `t` can be compared position by position"
     if s.ndim < 2 or s.ndim != t.ndim:
         raise ValueError(f"pixel_wise_loss needs logits of the same rank, (N, C) or (N, C, H, W): got student {_shape(s)}, teacher {_shape(t)}")
@@ -79,8 +82,8 @@ def pixel_wise_loss(student_logits:Tensor, # Student logits, (N, C) or (N, C, H,
                     T:float=1.0, # Softmax temperature
                    )->Tensor:
     "Mean over positions of KL(softmax(teacher/T) || softmax(student/T)), times T²"
-    _check_logits(student_logits, teacher_logits)
-    if not T > 0: raise ValueError(f"pixel_wise_loss needs a temperature T > 0, got T={T!r}")
+    _check_pixel_logits(student_logits, teacher_logits)
+    check_number('T', T, 0, lo_open=True)
     return _pixel_wise(student_logits, teacher_logits, T)[0]
 
 # %% ../nbs/01_losses.ipynb #6bc45456
@@ -154,7 +157,7 @@ def pair_wise_loss(student_feats:Tensor, # Student features (N, Cs, H, W)
                   )->Tensor:
     "Mean over the batch and all node pairs (i, j) of the squared difference of cosine affinities, without n x n matrices when n > C"
     _check_feats(student_feats, teacher_feats)
-    if dtype not in (None, torch.float32, torch.float64): raise ValueError(f"pair_wise_loss computes in float32 or float64, got dtype={dtype}")
+    check_choice('dtype', dtype, (None, torch.float32, torch.float64))
     with _no_autocast(student_feats):
         return _PairWise.apply(student_feats, teacher_feats, dtype or torch.promote_types(student_feats.dtype, torch.float32), eps, detach_norm)
 
@@ -171,10 +174,9 @@ class Discriminator(Module):
                  spectral:bool=False, # Spectral normalisation of the convolutions: for the hinge loss (it holds the gradient that WGAN-GP's penalty asks to be 1 below 1)
                 ):
         for name, v, lo in (('n_classes', n_classes, 1), ('img_channels', img_channels, 0), ('nf', nf, 1), ('n_layers', n_layers, 1), ('pool', pool, 1)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo: raise ValueError(f"Discriminator needs an integer {name} >= {lo}, got {name}={v!r}")
+            check_number(name, v, lo, integer=True)
         attn_layers = tuple(attn_layers)
-        if any(i not in range(n_layers) for i in attn_layers):
-            raise ValueError(f"Discriminator: attn_layers={attn_layers} must be indices in range(n_layers={n_layers})")
+        check_arg('attn_layers', attn_layers, all(i in range(n_layers) for i in attn_layers), f"indices in range(n_layers={n_layers})")
         store_attr('n_classes,img_channels,n_layers,attn_layers,pool')
         act = partial(nn.LeakyReLU, negative_slope=slope)
         layers, ni = [], n_classes + img_channels
@@ -252,8 +254,7 @@ def wgan_gp_loss(D:nn.Module, # Critic: `D(maps)` or `D(maps, img)` -> (N,) scor
                 )->tuple:
     "WGAN-GP critic loss and its (unweighted) gradient penalty"
     _check_real_fake(real, fake)
-    if not gp_weight >= 0: raise ValueError(f"wgan_gp_loss needs gp_weight >= 0, got gp_weight={gp_weight!r}")
-    if gp_samples is not None and (isinstance(gp_samples, bool) or not isinstance(gp_samples, int) or gp_samples < 1): raise ValueError(f"wgan_gp_loss needs gp_samples None or an integer >= 1, got gp_samples={gp_samples!r}")
+    check_number('gp_weight', gp_weight, 0); check_number('gp_samples', gp_samples, 1, integer=True, none=True)
     sr, sf = _scores(D, torch.cat([real.detach(), fake.detach()]), img, 2).float().split(real.shape[0])
     penalty = _penalty(D, real, fake, img, gp_samples, scaler)
     return sf.mean() - sr.mean() + gp_weight*penalty, penalty

@@ -5,21 +5,22 @@
 # %% ../nbs/04_metrics.ipynb #a45ba77e
 from __future__ import annotations
 import math
-import numpy as np
 import torch
 from torch import Tensor
 from fastai.learner import Metric
 from fastai.torch_core import num_distrib
+from .checks import check_number
 
 # %% auto #0
 __all__ = ['confusion_matrix', 'miou_from_confusion', 'MeanIoU']
 
 # %% ../nbs/04_metrics.ipynb #bf7b3965
-def _plain(x)->Tensor:
+def _as_tensor(x)->Tensor:
     "`x` as a plain `torch.Tensor` (fastai's tensor subclasses and numpy arrays included)"
     return torch.as_tensor(x).as_subclass(Tensor)
 
-def _check_labels(name, x, n_classes):
+def _check_label_range(name, x, n_classes):
+    "Raise unless the labels `x` (named `name` in the error) are in `0..n_classes-1`"
     if x.numel() and (x.min() < 0 or x.max() >= n_classes):
         bad = torch.unique(x[(x < 0) | (x >= n_classes)])[:5].tolist()
         raise ValueError(f"{name} holds labels {bad} outside 0..{n_classes-1} (n_classes={n_classes})" + (' ; pass ignore_index= for void pixels' if name == 'target' else ''))
@@ -30,8 +31,8 @@ def confusion_matrix(pred, # Predicted labels, or scores with a class axis 1 (on
                      ignore_index:int|None=None, # Target value of pixels to leave out (void)
                     )->Tensor:
     "Confusion matrix (n_classes, n_classes) of int64 counts: row = true class, column = predicted class"
-    if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1: raise ValueError(f"Invalid n_classes={n_classes!r}: expected an integer >= 1")
-    pred, target = _plain(pred), _plain(target)
+    check_number('n_classes', n_classes, 1, integer=True)
+    pred, target = _as_tensor(pred), _as_tensor(target)
     if pred.dim() == target.dim() + 1:
         if pred.shape[1] != n_classes: raise ValueError(f"pred has {pred.shape[1]} scores on axis 1 but n_classes={n_classes}")
         pred = pred.argmax(1)
@@ -41,7 +42,7 @@ def confusion_matrix(pred, # Predicted labels, or scores with a class axis 1 (on
     if ignore_index is not None:
         keep = target != ignore_index
         pred, target = pred[keep], target[keep]
-    _check_labels('target', target, n_classes); _check_labels('pred', pred, n_classes)
+    _check_label_range('target', target, n_classes); _check_label_range('pred', pred, n_classes)
     return torch.bincount(target*n_classes + pred, minlength=n_classes**2).view(n_classes, n_classes)
 
 # %% ../nbs/04_metrics.ipynb #0bf820a1
@@ -49,7 +50,7 @@ def miou_from_confusion(cm, # Confusion matrix (rows true, columns predicted), e
                         include_background:bool=True, # Average class 0 with the others
                        )->tuple:
     "`(mean IoU, per-class IoU)`: the mean over classes present in target or prediction; absent classes get `nan`"
-    cm = _plain(cm).double()
+    cm = _as_tensor(cm).double()
     if cm.dim() != 2 or cm.shape[0] != cm.shape[1]: raise ValueError(f"cm of shape {tuple(cm.shape)}: expected a square matrix")
     tp = cm.diagonal()
     union = cm.sum(0) + cm.sum(1) - tp
@@ -67,8 +68,7 @@ class MeanIoU(Metric):
                  axis:int=1, # Class axis of the predictions
                  name:str='miou', # Name in fastai's metrics table
                 ):
-        if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1):
-            raise ValueError(f"Invalid n_classes={n_classes!r}: expected an integer >= 1 or None")
+        check_number('n_classes', n_classes, 1, integer=True, none=True)
         self.n_classes, self.ignore_index, self.include_background, self.axis, self._name = n_classes, ignore_index, include_background, axis, name
         self.reset()
 
@@ -78,7 +78,7 @@ class MeanIoU(Metric):
 
     def _labels(self, pred, target)->tuple:
         "Predicted labels (the argmax over `axis` of scores), targets, and the class count"
-        pred, target = _plain(pred).detach(), _plain(target).detach()
+        pred, target = _as_tensor(pred).detach(), _as_tensor(target).detach()
         n = self.n_classes
         if pred.dim() == target.dim() + 1:
             n = n or pred.shape[self.axis]

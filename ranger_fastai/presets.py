@@ -28,3 +28,8 @@ PRESETS = {
                               student_arch='segnet', student_width=8),
                  distill_bs=32, scenes=dict(SCENES, n_train=2000)),
 }
+
+# %% ../nbs/05a_presets.ipynb #e9629982
+def _settings_text(kw:dict)->str:
+    "Settings as one line of text: `k=v`, separated by commas"
+    return ', '.join(f'{k}={v}' for k,v in kw.items())

@@ -12,8 +12,9 @@ from fastai.vision.models.xresnet import xresnet18
 from ranger_fastai.cli import main
 from ranger_fastai.data import write_image_folder, write_camvid, camvid_dls
 from ranger_fastai.presets import OPTIMIZER_NAMES, BACKBONES, ACTIVATIONS, CLASSIFIERS, SEGMENTERS
-from ranger_fastai.experiments import (OPTIMIZERS, ARCHS, ACTS, SegNet, classifier_learner, segmentation_learner,
-                                       load_teacher, show_predictions, _n_params)
+from ranger_fastai.models import ARCHS, ACTS, SegNet, classifier_learner, segmentation_learner, load_teacher
+from ranger_fastai.experiments import OPTIMIZERS, _n_params
+from ranger_fastai.report import show_predictions
 
 pytestmark = pytest.mark.slow  # end to end: `make test-fast` leaves this module out
 
