@@ -14,8 +14,8 @@ from fastcore.basics import store_attr
 from fastai.learner import Learner
 from fastai.optimizer import Adam
 from .checks import check_arg, check_number, check_choice
-from .losses import Discriminator, critic_for, generator_loss, _scores, _penalty
-from .layers import probe_batch, _run_hooked, _shape
+from .losses import Discriminator, critic_for, generator_loss, _scores, _penalty, _shape
+from .layers import probe_batch, _run_hooked
 from .hooks import _unwrap, _model_device, _move
 from .distributed import _average_grads, _on_any_rank
 

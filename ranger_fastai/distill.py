@@ -17,8 +17,8 @@ from fastai.torch_core import find_bs
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from .checks import check_arg, check_number
-from .losses import _pixel_wise, pair_wise_loss
-from .layers import find_layer, probe_batch, auto_pairs, _inputs_for, _run_hooked, _shape
+from .losses import _pixel_wise, pair_wise_loss, _shape
+from .layers import find_layer, probe_batch, auto_pairs, _inputs_for, _run_hooked
 from .hooks import _Grab, _TeacherRun, _plain, _unwrap, _model_device, _move
 from .distributed import _broadcast_state
 from .terms import pool_nodes, _check_pool, _maps, _PhaseAverages, _term_columns

@@ -13,6 +13,7 @@ from fastcore.basics import patch
 from fastai.callback.hook import Hooks
 from fastai.layers import SequentialEx, AdaptiveConcatPool2d
 from fastai.learner import Learner
+from .losses import _shape
 from fastai.vision.models.unet import DynamicUnet, UnetBlock
 
 # %% auto #0
@@ -67,8 +68,6 @@ def _inputs_for(model:nn.Module, xb:tuple)->tuple:
     "`xb` on `model`'s device, floating-point inputs in the dtype of its parameters"
     dev, dt = _device(model), _float_dtype(model)
     return tuple(x.to(dev, dtype=dt if dt is not None and x.is_floating_point() else x.dtype) for x in xb)
-
-def _shape(o): return tuple(o.shape) if isinstance(o, Tensor) else type(o).__name__
 
 def _run_hooked(model:nn.Module, modules:list, xb:tuple, f=lambda o: o)->tuple:
     "`model`'s output on `xb` (eval mode, no grad, on its device, in its dtype), and `f` of the outputs of `modules` (`None` for one that did not run)"
