@@ -10,6 +10,7 @@ from fastcore.basics import patch
 from fastcore.foundation import L
 from fastcore.meta import delegates
 from fastcore.xtras import join_path_file
+from fastai.torch_core import rank_distrib
 from fastai.learner import Learner
 
 # %% auto #0
@@ -24,9 +25,9 @@ _fastai_load = getattr(Learner.load, '_fastai', Learner.load)
 def save(self:Learner, file, **kwargs):
     "Save model and optimizer state (if `with_opt`) to `self.path/self.model_dir/file`, then the state of callbacks with `save_with` next to it"
     res = _fastai_save(self, file, **kwargs)
-    if isinstance(res, (str, Path)):
+    if isinstance(res, (str, Path)) and rank_distrib() == 0:
         for cb in self.cbs:
-            if hasattr(cb, 'save_with'): cb.save_with(Path(res), kwargs.get('with_opt', True))
+            if hasattr(type(cb), 'save_with'): cb.save_with(Path(res), kwargs.get('with_opt', True))
     return res
 
 @patch
@@ -36,7 +37,7 @@ def load(self:Learner, file, device=None, **kwargs):
     res = _fastai_load(self, file, device=device, **kwargs)
     if isinstance(file, (str, Path)):
         for cb in self.cbs:
-            if hasattr(cb, 'load_with'): cb.load_with(join_path_file(file, self.path/self.model_dir, ext='.pth'), kwargs.get('with_opt', True))
+            if hasattr(type(cb), 'load_with'): cb.load_with(join_path_file(file, self.path/self.model_dir, ext='.pth'), kwargs.get('with_opt', True))
     return res
 
 Learner.save._fastai, Learner.load._fastai = _fastai_save, _fastai_load
@@ -44,11 +45,12 @@ Learner.save._fastai, Learner.load._fastai = _fastai_save, _fastai_load
 # %% ../nbs/02c_checkpoint.ipynb #1d3778ed
 @contextmanager
 def _without(learn:Learner, cbs:list):
-    "Inside the block, `learn` does not hold the callbacks `cbs`; nothing about them changes"
-    old, attrs = learn.cbs, {c.name: learn.__dict__.pop(c.name) for c in cbs if c.name in learn.__dict__}
+    "Inside the block, `learn` does not hold the callbacks `cbs`, nor the metrics they own; nothing about them changes"
+    old, mets, attrs = learn.cbs, learn.metrics, {c.name: learn.__dict__.pop(c.name) for c in cbs if c.name in learn.__dict__}
     learn.cbs = L(c for c in old if not any(c is x for x in cbs))
+    learn.metrics = [m for m in mets if not any(getattr(m, 'owner', None) is x for x in cbs)]
     try: yield learn
-    finally: learn.cbs = old; learn.__dict__.update(attrs)
+    finally: learn.cbs, learn.metrics = old, mets; learn.__dict__.update(attrs)
 
 _export_before = Learner.export
 
@@ -56,4 +58,4 @@ _export_before = Learner.export
 @delegates(_export_before)
 def export(self:Learner, fname='export.pkl', **kwargs):
     "fastai's `export`, without the callbacks that set `exported = False`"
-    with _without(self, [c for c in self.cbs if getattr(c, 'exported', True) is False]): return _export_before(self, fname, **kwargs)
+    with _without(self, [c for c in self.cbs if getattr(type(c), 'exported', True) is False]): return _export_before(self, fname, **kwargs)

@@ -4,20 +4,23 @@
 
 # %% ../nbs/00a_checks.ipynb #b6183e70
 from __future__ import annotations
-import math, numbers
+import math, numbers, reprlib
 
 # %% auto #0
 __all__ = ['check_arg', 'check_number', 'check_choice']
 
 # %% ../nbs/00a_checks.ipynb #6870b6a5
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 80 # a long path or name stays whole; a state dict or a model does not fill the screen
+
 def check_arg(name:str, # The argument's name, as the caller wrote it
               v, # Its value
               ok:bool, # Whether the value is valid
               expected:str, # What a valid value is, e.g. 'a list of (student_layer, teacher_layer)'
               exc:type=ValueError, # The exception to raise
              ):
-    "Raise `exc` naming argument `name` and its value `v` unless `ok`; returns `v`"
-    if not ok: raise exc(f"Invalid {name}={v!r}: expected {expected}")
+    "Raise `exc` naming argument `name` and its value `v` (its repr, shortened) unless `ok`; returns `v`"
+    if not ok: raise exc(f"Invalid {name}={_short.repr(v)}: expected {expected}")
     return v
 
 # %% ../nbs/00a_checks.ipynb #3bf795ba

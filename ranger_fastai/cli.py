@@ -180,7 +180,7 @@ def _processes(device):
     if not num_distrib():
         yield device, []
         return
-    from ranger_fastai.distributed import process_group # needs accelerate: a one-line ImportError otherwise
+    from ranger_fastai.distributed import process_group # without accelerate: a one-line ImportError
     from fastai.distributed import DistributedTrainer
     with process_group(device) as dev: yield dev, [DistributedTrainer(sync_bn=dev.type == 'cuda', cpu=dev.type == 'cpu')]
 

@@ -104,9 +104,11 @@ class Critic:
         if self.discriminator is None: self.discriminator = _critic_for_learner(learn, teacher)
         if self.with_image is None: self.with_image = getattr(self.discriminator, 'img_channels', 0) > 0
         _move(self.discriminator, _model_device(learn.model), 'discriminator')
-        if self.opt is None: self._create_opt()
+        if self.opt is None: self.create_opt()
 
-    def _create_opt(self): self.opt = self.opt_func(list(self.discriminator.parameters()), lr=self.lr, **self.opt_kwargs)
+    def create_opt(self):
+        "Create the discriminator's optimizer, replacing any it had (`setup` makes one at the first fit)"
+        self.opt = self.opt_func(list(self.discriminator.parameters()), lr=self.lr, **self.opt_kwargs)
 
     def ramp(self, pct:float)->float:
         "Factor of the generator term at training progress `pct`: from 0 to 1 over the first `warmup` of training"
@@ -178,5 +180,5 @@ class Critic:
         if self.discriminator is None: raise ValueError("This Critic has no discriminator yet (it is made at the first fit): give it one, or load through `learn.load`")
         self.discriminator.load_state_dict(state['model'])
         if with_opt and 'opt' in state:
-            if self.opt is None: self._create_opt()
+            if self.opt is None: self.create_opt()
             self.opt.load_state_dict(state['opt'])

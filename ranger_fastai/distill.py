@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_distill.ipynb #b37edaeb
 from __future__ import annotations
-import warnings
+import warnings, weakref
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -26,9 +26,12 @@ from .critic import Critic, _critic_for_learner, _enabled_scaler
 from . import checkpoint as _checkpoint # `learn.save`/`load` keep the critic, `learn.export` leaves the callback out
 
 # %% auto #0
-__all__ = ['DistillationCallback']
+__all__ = ['DistillationCallback', 'Critic', 'pool_nodes']
 
 # %% ../nbs/02_distill.ipynb #f9125050
+_all_ = ['Critic', 'pool_nodes'] # part of the distillation's API, from their own modules
+_set_up = weakref.WeakSet() # the callbacks set up by a fit that has not ended
+
 def _evaluating(learn)->bool:
     "Whether `learn` is in a `get_preds`/`validate`/`predict` (fastai runs `before_fit`/`after_fit` around them too, holding `learn.lock`)"
     lock = getattr(learn, 'lock', None)
@@ -73,7 +76,7 @@ def _critic_file(file:str|Path)->Path:
 class DistillationCallback(Callback):
     "Add structured knowledge distillation terms (pixel-wise, pair-wise, holistic) from `teacher` to the student's objective"
     order, exported = 5, False
-    _stateattrs = ('teacher', 'critic', 'avgs', 'critic_avgs', '_hooks', '_grabs', '_teacher_run', '_terms', '_columns')
+    _stateattrs = ('teacher', 'critic', 'avgs', 'critic_avgs', '_hooks', '_grabs', '_teacher_run', '_terms', '_columns', '_fit_learn')
     def __init__(self, teacher:nn.Module|Learner, # The teacher, or a fastai `Learner` (then its model)
                  pi_weight:float=1., # Weight of the pixel-wise term (0: off)
                  pa_weight:float=1., # Weight of the pair-wise term (0 or no `pairs`: off)
@@ -100,15 +103,14 @@ class DistillationCallback(Callback):
         super()._init_state()
         for a in ('teacher', 'critic'):
             if not hasattr(self, a): setattr(self, a, None)
-        self._hooks, self._grabs, self._teacher_run, self._terms, self._columns, self._on = [], [], None, [], [], False
+        self._hooks, self._grabs, self._teacher_run, self._terms, self._columns, self._on, self._fit_learn = [], [], None, [], [], False, None
         self.avgs, self.critic_avgs = _PhaseAverages(), _PhaseAverages()
 
     @property
     def learn(self): return self.__dict__.get('_learn', self.__dict__.get('learn')) # `learn`: a callback pickled by an earlier version
     @learn.setter
-    def learn(self, learn): # attaching to a Learner with data checks the setup there and then; detaching (`remove_cb`, the end of `fit(cbs=...)`) tears it down
+    def learn(self, learn): # attaching to a Learner with data checks the setup there and then
         if learn is not None and _has_batches(learn): self.check(learn)
-        if learn is None: self._teardown()
         self.__dict__['_learn'] = learn
 
     @property
@@ -140,7 +142,6 @@ class DistillationCallback(Callback):
     def before_fit(self):
         "Check the setup on a training batch, move and freeze the teacher, set the critic up, hook the pairs, add the metric columns"
         if _evaluating(self.learn): return # `get_preds`/`validate`/`predict`: idle
-        self._teardown() # what a fit ended by an uncaught exception left
         self.check() # errors before anything changes
         self._teacher_was_training = self.teacher.training
         try:
@@ -155,7 +156,8 @@ class DistillationCallback(Callback):
         except Exception: # leave the Learner as it was: no hooks, no columns, teacher mode
             self._remove_hooks(); self.teacher.train(self._teacher_was_training)
             raise
-        self._terms = self.terms
+        self._terms, self._fit_learn = self.terms, self.learn
+        _set_up.add(self)
         self._add_columns(self.avgs, [f'{k}_loss' for k in self._terms] + ['total_loss'])
         if self.critic is not None: self._add_columns(self.critic_avgs, ['w_dist'] + (['gp'] if self.critic.loss == 'wgan-gp' else []))
         self._on = True
@@ -234,6 +236,7 @@ class DistillationCallback(Callback):
         rec = getattr(self.learn, 'recorder', None)
         if rec is None: return
         cols = _term_columns(keys, partial(self._column, avgs), rec.train_metrics, rec.valid_metrics)
+        for c in cols: c.owner = self # `export` leaves them out with the callback
         self._columns += cols
         self.learn.metrics += cols
 
@@ -241,8 +244,10 @@ class DistillationCallback(Callback):
         "Remove hooks and columns, forget the last batch, put the teacher back in its mode (nothing when not set up)"
         if not self._on: return
         self._remove_hooks()
-        if self.learn is not None: self.learn.metrics = [m for m in self.learn.metrics if not any(m is c for c in self._columns)]
-        self._columns, self._on = [], False
+        learn = self._fit_learn
+        learn.metrics = [m for m in learn.metrics if not any(m is c for c in self._columns)]
+        self._columns, self._on, self._fit_learn = [], False, None
+        _set_up.discard(self)
         if self.critic is not None: self.critic._batch = None
         self.teacher.train(self._teacher_was_training)
 
@@ -303,6 +308,20 @@ class DistillationCallback(Callback):
         _, w, pen, gen = c.losses(t_maps, s_maps, img, _enabled_scaler(self.learn)) # one pass: the estimate, the penalty and the generator term
         self.critic_avgs.add('valid', {'w_dist': w, **({} if pen is None else {'gp': pen})}, t_maps.shape[0])
         return {'ho': gen} if 'ho' in self._terms else {}
+
+# %% ../nbs/02_distill.ipynb #69b9463f
+_fastai_fit = getattr(Learner.fit, '_fastai', Learner.fit)
+
+@patch
+@delegates(_fastai_fit)
+def fit(self:Learner, *args, **kwargs):
+    "fastai's `fit`; a fit ended by an exception (Ctrl-C) leaves no distillation hooks or columns behind"
+    try: return _fastai_fit(self, *args, **kwargs)
+    except BaseException:
+        for cb in [c for c in _set_up if c._fit_learn is self]: cb._teardown()
+        raise
+
+Learner.fit._fastai = _fastai_fit
 
 # %% ../nbs/02_distill.ipynb #ad99e807
 @patch

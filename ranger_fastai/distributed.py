@@ -9,19 +9,20 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
-from fastcore.basics import patch
-from fastai.distributed import DistributedDL # imports HF accelerate if it is installed; only `distrib_ctx` needs it
+try: from fastai.distributed import DistributedDL # fastai's distributed tools need HF accelerate, and fail to import without it
+except (ImportError, NameError): DistributedDL = None
 
 # %% auto #0
 __all__ = ['process_device', 'process_group']
 
 # %% ../nbs/08_distributed.ipynb #a3d3e860
-@patch
-def _broadcast(self:DistributedDL, t:list, rank:int)->list:
+def _broadcast(self, t:list, rank:int)->list:
     "Broadcast the ints `t` from `rank` with the process group's backend: on the GPU for NCCL, on the CPU otherwise (gloo)"
     t = torch.tensor(t, dtype=torch.long, device='cuda' if dist.get_backend() == 'nccl' else 'cpu')
     dist.broadcast(t, rank)
     return t.cpu().tolist()
+
+if DistributedDL is not None: DistributedDL._broadcast = _broadcast
 
 # %% ../nbs/08_distributed.ipynb #bc92872b
 def _world()->int:
@@ -60,6 +61,7 @@ def process_device(device:str|torch.device='cpu', # The kind of device (`'cuda'`
 def process_group(device:str|torch.device='cpu', # The kind of device: NCCL for CUDA, gloo otherwise
                  ):
     "Join the process group of a launcher (`torchrun`, `accelerate launch`) for the block, then leave it; yields this process's device"
+    if DistributedDL is None: raise ImportError("Distributed training with fastai needs HF accelerate: pip install 'ranger_fastai[distributed]'")
     for v in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'):
         if v not in os.environ: raise ValueError(f"process_group needs the environment variable {v}, which launchers (torchrun, accelerate launch) set")
     device = process_device(device)

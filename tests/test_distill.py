@@ -365,7 +365,7 @@ class _Boom(Callback):
     def after_loss(self):
         if self.training and self.iter == 1: raise self.exc
 
-def test_hooks_removed_after_cancel_and_harmless_after_error(tmp_path):
+def test_hooks_removed_after_cancel_and_after_an_error(tmp_path):
     teacher = _net(16, seed=1)
     learn = _learner(tmp_path)
     dist = DistillationCallback(teacher, pairs=[('3', '3')], ho_weight=0)
@@ -374,20 +374,25 @@ def test_hooks_removed_after_cancel_and_harmless_after_error(tmp_path):
     dist.critic = Critic(_disc())
     learn.add_cb(dist)  # attached for good, as `learn.distill` does
     with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=_Boom(RuntimeError('boom')))
-    assert len(learn.model[3]._forward_hooks) == 1 and dist._on and len(learn.metrics) > 0  # fastai skips after_fit: stale hooks and columns
-    assert dist._teacher_run.out is not None  # the teacher ran before the student's forward, then the batch failed
-    learn.model(torch.randn(2, 3, 16, 16))  # unarmed: the teacher does not run again
-    learn.export('x.pkl')  # the stale hooks pickle empty: no teacher in the file, no error
-    n, stale = len(learn.metrics), dist._teacher_run.out
-    res = learn.validate()  # the callback stays idle: the teacher does not run, the columns show nothing
-    assert res[0] is not None and len(res) == 1 + n and all(v is None for v in res[1:]) and dist._teacher_run.out is stale
-    learn.fit(1)  # the next fit clears what the interrupted one left, and works
-    assert 'train_w_dist' in learn.recorder.metric_names and 'train_pa_loss' in learn.recorder.metric_names
-    assert learn.metrics == [] and not dist._on and teacher.training and len(learn.model[3]._forward_hooks) == 0
-    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=_Boom(RuntimeError('boom')))
-    learn.remove_cb(dist)  # removing the callback clears it too
+    # fastai skips after_fit; the extended `fit` tears the callback down before the error goes on
     assert learn.metrics == [] and not dist._on and teacher.training
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in [*learn.model.modules(), *teacher.modules()])
+    learn.export('x.pkl')  # the student alone
+    assert len(learn.validate()) == 1  # the loss, no columns
+    learn.fit(1)  # and the next fit works
+    assert 'train_w_dist' in learn.recorder.metric_names and 'train_pa_loss' in learn.recorder.metric_names
+    with pytest.raises(KeyboardInterrupt): learn.fit(1, cbs=_Boom(KeyboardInterrupt()))  # Ctrl-C too
+    assert learn.metrics == [] and not dist._on and len(learn.model[3]._forward_hooks) == 0
+
+def test_a_callback_removed_for_a_moment_keeps_distilling(tmp_path):
+    "fastai detaches callbacks for a while (`removed_cbs`, as `FetchPredsCallback` does for its `get_preds`): the distillation goes on after it"
+    from fastai.callback.core import FetchPredsCallback
+    learn = _learner(tmp_path)
+    dist = DistillationCallback(_net(16, seed=1), pairs=[('3', '3')], critic=_disc())
+    learn.add_cb(dist)
+    learn.fit(2, 1e-2, cbs=FetchPredsCallback(cbs=[dist]))
+    names, values = learn.recorder.metric_names, learn.recorder.values
+    assert all(len(v) == len(names) - 2 and all(x is not None for x in v) for v in values)  # every column, both epochs ('epoch' and 'time' aside)
 
 def test_fit_with_cbs_cleans_up_after_an_error(tmp_path):
     "A callback passed to `fit(cbs=...)` is removed when the fit ends, by an error too: that tears it down"
@@ -395,6 +400,9 @@ def test_fit_with_cbs_cleans_up_after_an_error(tmp_path):
     dist = DistillationCallback(teacher, pairs=[('3', '3')], critic=_disc())
     with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[dist, _Boom(RuntimeError('boom'))])
     assert learn.metrics == [] and not dist._on and teacher.training and dist.learn is None
+    dist.critic = Critic(_disc())
+    with pytest.raises(RuntimeError, match='boom'): learn.fit(1, cbs=[dist, _Boom(RuntimeError('boom'))])  # a critic made at the fit too
+    assert learn.metrics == [] and not dist._on
     assert all(len(m._forward_hooks) == 0 and len(m._forward_pre_hooks) == 0 for m in [*learn.model.modules(), *teacher.modules()])
 
 def test_a_second_student_forward_in_the_batch(tmp_path):
@@ -566,3 +574,13 @@ def test_float_pool_gives_the_official_node_counts(hw, nodes):
     official = nn.MaxPool2d(kernel_size=(int(hw[0]*0.5), int(hw[1]*0.5)), stride=(int(hw[0]*0.5), int(hw[1]*0.5)), ceil_mode=True)(f)
     out = pool_nodes(f, 0.5)
     assert out.shape[-2:] == nodes and torch.equal(out, official)
+
+def test_imports_without_accelerate():
+    "HF accelerate is an optional extra: the library, distillation included, imports without it; only fastai's distributed tools need it"
+    import subprocess, sys
+    code = ("import sys; sys.modules['accelerate'] = None  # as if it were not installed\n"
+            "import ranger_fastai.all, ranger_fastai.cli, ranger_fastai.distributed as d\n"
+            "assert d.DistributedDL is None\n"
+            "try:\n    d.process_group().__enter__()\nexcept ImportError as e: assert 'ranger_fastai[distributed]' in str(e)\n"
+            "else: raise AssertionError('no ImportError')\n")
+    subprocess.run([sys.executable, '-c', code], check=True, timeout=300)
