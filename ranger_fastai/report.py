@@ -188,10 +188,10 @@ def write_report(out:str|Path, # Folder (created)
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     config = config or {}
     lb_rows, ds_rows, agree = leaderboard_table(runs), distill_table(runs), ranger_agreement(runs)
-    env = dict(versions(), threads=torch.get_num_threads())
+    env = dict(versions(), threads=torch.get_num_threads(), cpu=f'{platform.machine()}, {torch.backends.cpu.get_cpu_capability()} kernels') # results differ across thread counts and kernel levels
     md = ['# ranger-fastai report', '']
     if config.get('command'): md += [f"Command: `{config['command']}`", '']
-    md += [', '.join(f'{k} {v}' for k,v in versions().items()) + f"; {env['threads']} CPU thread(s)" + (f", device {config['device']}" if config.get('device') else '')
+    md += [', '.join(f'{k} {v}' for k,v in versions().items()) + f"; {env['threads']} CPU thread(s), {env['cpu']}" + (f", device {config['device']}" if config.get('device') else '')
            + (f"; total wall time {elapsed:.0f} s." if elapsed is not None else '.'), '']
     if interrupted: md += [f'**Interrupted** (Ctrl-C) after {len(runs)} finished run(s): the tables hold the runs that finished.', '']
     if lb_rows:
