@@ -44,7 +44,7 @@ def _stub_fastai():
                  'fastai.vision.data', 'fastai.vision.augment', 'fastcore', 'fastcore.meta', 'fastprogress', 'fastprogress.fastprogress'):
         sys.modules[name] = Stub(name)
 
-# The sample pinned by tests/test_reproducible.py (keep the two in step): the command's scene settings, at a fixed seed
+# The sample tests/test_reproducible.py pins (it imports these): the command's scene settings, at a fixed seed
 SCENE_KW = dict(size=32, n_digits=(1, 2), scale=(0.55, 0.85), n_clutter=(0, 2), max_rotate=10.)
 
 def data_fingerprints()->dict:

@@ -3,36 +3,27 @@ changed), and the experiments' seeding makes a short training repeat bit for bit
 
 What is and is not promised across thread counts, versions and machines is measured in bench/README.md
 ("Reproducibility"); `python bench/reproducibility.py data` prints the fingerprints below for this environment."""
-import hashlib, platform
+import platform
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback
-from ranger_fastai.data import _digits, digit_split, digit_scenes, digit_images, digit_scenes_dls, digits_dls
+from ranger_fastai.data import digit_split, digit_scenes, digit_scenes_dls, digits_dls
 from ranger_fastai.experiments import run_distill, run_leaderboard
 from ranger_fastai.presets import VARIANTS
 
-def _sha(*arrays)->str:
-    "sha256 of the bytes of `arrays`, with their dtypes and shapes (as bench/reproducibility.py)"
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        h.update(f'{a.dtype.str}{a.shape}'.encode()); h.update(a.tobytes())
-    return h.hexdigest()
+def _bench():
+    "bench/reproducibility.py, which computes the fingerprints (and prints them for a new environment)"
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('reproducibility', Path(__file__).parents[1]/'bench'/'reproducibility.py')
+    mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+    return mod
+
+_b = _bench()
+_sha, SCENE_KW, _fingerprints = _b._sha, _b.SCENE_KW, _b.data_fingerprints
 
 # ---- the built-in data
-
-SCENE_KW = dict(size=32, n_digits=(1, 2), scale=(0.55, 0.85), n_clutter=(0, 2), max_rotate=10.) # the command's scenes (presets.SCENES)
-
-def _fingerprints()->dict:
-    "sha256 of each part of a fixed sample of the built-in data, from its source to the rendered images (as bench/reproducibility.py)"
-    trn, val = digit_scenes(16, seed=0, split='train', **SCENE_KW), digit_scenes(16, seed=0, split='valid', **SCENE_KW)
-    big = digit_scenes(8, seed=1) # the defaults: 64x64, up to four digits, clutter
-    return {'sklearn digits': _sha(*_digits()),                           # scikit-learn's bundled digits
-            'digit_split': _sha(*digit_split()),                          # numpy's Generator (permutation)
-            'scene sources': _sha(trn.sources, val.sources, big.sources), # numpy's Generator (choice, integers)
-            'scene images and masks': _sha(trn.images, trn.masks, val.images, val.masks, big.images, big.masks), # numpy's draws, torch's grid_sample
-            'digit_images(32)': _sha(digit_images(32))}                   # torch's bilinear interpolate
 
 MEASURED_WITH = ("Python 3.11.7 on x86_64 (AMD EPYC, torch's AVX2 kernels, 1 and 2 threads) with numpy 2.4.6, torch 2.14.1+cu130, "
                  "scikit-learn 1.9.1, pillow 13.0.0; the same values with numpy 1.26.4, torch 2.13.0+cpu, scikit-learn 1.2.2, pillow 9.5.0")
