@@ -8,7 +8,6 @@ import random, time
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-import torch
 from torch import nn
 from fastai.imports import noop # the `noop` fastai compares `learn.logger` with
 from fastai.learner import Learner

@@ -8,7 +8,7 @@ import difflib, math, random
 from contextlib import contextmanager
 import pandas as pd
 import torch
-from torch import nn, Tensor
+from torch import nn
 from fastcore.basics import patch
 from fastai.callback.hook import Hooks
 from fastai.layers import SequentialEx, AdaptiveConcatPool2d
